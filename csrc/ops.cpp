@@ -1,0 +1,225 @@
+// Op schemas, argument checks, and the device-independent half of the backward.
+//
+// Data flows one way: Python autograd Function -> these ops -> the CPU or CUDA kernel registered
+// for them in csrc/cpu and csrc/cuda. Only the dispatcher connects the two device files.
+#include <Python.h>
+
+#include <atomic>
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// Importing lstm_fused._C runs the static TORCH_LIBRARY registrations below; the module itself is
+// empty, which keeps the extension free of pybind11 (fast to build, and torch.compile sees only
+// torch.ops.lstm_fused.*).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "lstm_fused's registered operators", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace lstm_fused {
+namespace {
+
+std::atomic<bool> poison_outputs{false};
+
+bool set_poison_outputs(bool enabled) {
+  return poison_outputs.exchange(enabled);
+}
+
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(
+      at::isFloatingType(t.scalar_type()),
+      "lstm_fused: ", name, " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+      t.scalar_type());
+}
+
+// Every tensor of a call must share the input's dtype and device, as nn.LSTMCell requires.
+void check_matches(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(
+      t.scalar_type() == input.scalar_type(),
+      "lstm_fused: ", name, " has dtype ", t.scalar_type(), " but input has dtype ", input.scalar_type(),
+      "; all tensors of an LSTM cell must share one dtype");
+  TORCH_CHECK(
+      t.device() == input.device(),
+      "lstm_fused: ", name, " is on device ", t.device(), " but input is on ", input.device(),
+      "; all tensors of an LSTM cell must be on one device");
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* meaning) {
+  TORCH_CHECK(
+      t.sizes() == expected,
+      "lstm_fused: ", name, " must have shape ", expected, " ", meaning, ", got ", t.sizes());
+}
+
+}  // namespace
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (poison_outputs.load(std::memory_order_relaxed)) {
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+  return at::empty(sizes, options);
+}
+
+void check_cell_forward_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh) {
+  check_floating(input, "input");
+  check_matches(hx, "hx (h_0)", input);
+  check_matches(cx, "cx (c_0)", input);
+  check_matches(weight_ih, "weight_ih", input);
+  check_matches(weight_hh, "weight_hh", input);
+  TORCH_CHECK(
+      weight_hh.dim() == 2 && weight_hh.size(0) == 4 * weight_hh.size(1),
+      "lstm_fused: weight_hh must have shape [4 * hidden_size, hidden_size], got ", weight_hh.sizes());
+  const int64_t hidden_size = weight_hh.size(1);
+  TORCH_CHECK(
+      weight_ih.dim() == 2 && weight_ih.size(0) == 4 * hidden_size,
+      "lstm_fused: weight_ih must have shape [4 * hidden_size, input_size] = [", 4 * hidden_size,
+      ", input_size] (hidden_size ", hidden_size, " from weight_hh), got ", weight_ih.sizes());
+  const int64_t input_size = weight_ih.size(1);
+  TORCH_CHECK(
+      input.dim() == 2,
+      "lstm_fused: input must be 2-D [batch, input_size], got ", input.dim(), "-D shape ", input.sizes());
+  TORCH_CHECK(
+      input.size(1) == input_size,
+      "lstm_fused: input has inconsistent input_size: got ", input.size(1), ", expected ", input_size,
+      " (input shape ", input.sizes(), ", weight_ih shape ", weight_ih.sizes(), ")");
+  const int64_t batch = input.size(0);
+  for (const auto& [state, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx (h_0)"}, {cx, "cx (c_0)"}}) {
+    TORCH_CHECK(
+        state.dim() == 2,
+        "lstm_fused: ", name, " must be 2-D [batch, hidden_size] = [", batch, ", ", hidden_size, "], got ",
+        state.dim(), "-D shape ", state.sizes());
+    TORCH_CHECK(
+        state.size(0) == batch,
+        "lstm_fused: input batch size ", batch, " doesn't match ", name, " batch size ", state.size(0),
+        " (", name, " shape ", state.sizes(), ")");
+    TORCH_CHECK(
+        state.size(1) == hidden_size,
+        "lstm_fused: ", name, " has inconsistent hidden_size: got ", state.size(1), ", expected ", hidden_size,
+        " (", name, " shape ", state.sizes(), ")");
+  }
+  for (const auto& [bias, name] :
+       {std::pair<const std::optional<at::Tensor>&, const char*>{bias_ih, "bias_ih"}, {bias_hh, "bias_hh"}}) {
+    if (bias.has_value()) {
+      check_matches(*bias, name, input);
+      check_shape(*bias, name, {4 * hidden_size}, "(4 * hidden_size)");
+    }
+  }
+}
+
+void check_cell_gate_grads_args(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates) {
+  check_floating(cx, "cx");
+  TORCH_CHECK(cx.dim() == 2, "lstm_fused: cx must be 2-D [batch, hidden_size], got shape ", cx.sizes());
+  const int64_t batch = cx.size(0);
+  const int64_t hidden_size = cx.size(1);
+  check_matches(cy, "cy", cx);
+  check_shape(cy, "cy", cx.sizes(), "(the shape of cx)");
+  check_matches(gates, "gates", cx);
+  check_shape(gates, "gates", {batch, 4 * hidden_size}, "[batch, 4 * hidden_size]");
+  if (grad_hy.has_value()) {
+    check_matches(*grad_hy, "grad_hy", cx);
+    check_shape(*grad_hy, "grad_hy", cx.sizes(), "(the shape of cx)");
+  }
+  if (grad_cy.has_value()) {
+    check_matches(*grad_cy, "grad_cy", cx);
+    check_shape(*grad_cy, "grad_cy", cx.sizes(), "(the shape of cx)");
+  }
+  if (grad_gates.has_value()) {
+    check_matches(*grad_gates, "grad_gates", cx);
+    check_shape(*grad_gates, "grad_gates", {batch, 4 * hidden_size}, "[batch, 4 * hidden_size]");
+  }
+}
+
+std::optional<at::Tensor> combined_bias(
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh) {
+  if (bias_ih.has_value() && bias_hh.has_value()) {
+    return *bias_ih + *bias_hh;
+  }
+  return bias_ih.has_value() ? bias_ih : bias_hh;
+}
+
+namespace {
+
+// The matrix products of the backward, identical on every device (ATen picks MKL/OpenBLAS or
+// cuBLAS); only the pointwise gate gradients are device kernels. output_mask says which of
+// (input, hx, cx, weight_ih, weight_hh, bias) autograd wants; the others come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    std::array<bool, 6> output_mask) {
+  // Autocast must not recast the products of an op whose dtype was fixed by its caller.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static auto gate_grads_op = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("lstm_fused::cell_gate_grads", "")
+                                  .typed<std::tuple<at::Tensor, at::Tensor>(
+                                      const std::optional<at::Tensor>&,
+                                      const std::optional<at::Tensor>&,
+                                      const std::optional<at::Tensor>&,
+                                      const at::Tensor&,
+                                      const at::Tensor&,
+                                      const at::Tensor&)>();
+  auto [grad_preactivation, grad_cx] = gate_grads_op.call(grad_hy, grad_cy, grad_gates, cx, cy, gates);
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  return {
+      output_mask[0] ? at::mm(grad_preactivation, weight_ih) : empty(),
+      output_mask[1] ? at::mm(grad_preactivation, weight_hh) : empty(),
+      output_mask[2] ? grad_cx : empty(),
+      output_mask[3] ? at::mm(grad_preactivation.t(), input) : empty(),
+      output_mask[4] ? at::mm(grad_preactivation.t(), hx) : empty(),
+      output_mask[5] ? grad_preactivation.sum(0) : empty(),
+  };
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lstm_fused, m) {
+  // One step: h1, c1 and the activated gates [batch, 4 * hidden] (i, f, g, o), which backward
+  // reuses and gate introspection returns.
+  m.def(
+      "cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy, Tensor gates)");
+  // The pointwise half of the backward: gradients of the gate pre-activations and of c0.
+  m.def(
+      "cell_gate_grads(Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_gates, Tensor cx, Tensor cy, "
+      "Tensor gates) -> (Tensor grad_preactivation, Tensor grad_cx)");
+  m.def(
+      "cell_backward(Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_gates, Tensor input, Tensor hx, "
+      "Tensor cx, Tensor cy, Tensor gates, Tensor weight_ih, Tensor weight_hh, bool[6] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias)");
+  // Test hook: NaN-fill every kernel output before it is written. Returns the previous setting.
+  m.def("_set_poison_outputs(bool enabled) -> bool", &set_poison_outputs);
+}
+
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) {
+  m.impl("cell_backward", &cell_backward);
+}
+
+}  // namespace lstm_fused

@@ -1,0 +1,37 @@
+// What the device kernels share with the op registration: argument checks and output allocation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace lstm_fused {
+
+// Allocates a kernel output. When the test hook `_set_poison_outputs(True)` is on, the memory is
+// NaN-filled first, so an element a kernel forgets to write fails the comparison tests.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Shapes, dtypes and devices of cell_forward's arguments; raises naming the argument,
+// what was expected and what was given.
+void check_cell_forward_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh);
+
+void check_cell_gate_grads_args(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates);
+
+// The sum of whichever biases are present, or nullopt when there are none.
+std::optional<at::Tensor> combined_bias(
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh);
+
+}  // namespace lstm_fused

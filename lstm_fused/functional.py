@@ -1,0 +1,83 @@
+"""lstm_cell: the functional form of the fused cell, mirroring torch.lstm_cell."""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+
+class LSTMGates(NamedTuple):
+    """The activated gates of one step, each shaped like h_1. Views of one [batch, 4 * hidden]
+    buffer the kernel writes anyway (backward needs it), so asking for them costs nothing;
+    gradients flow through them like through h_1 and c_1."""
+
+    input: Tensor  # i = sigmoid(.)
+    forget: Tensor  # f = sigmoid(.)
+    cell: Tensor  # g = tanh(.), the candidate cell state
+    output: Tensor  # o = sigmoid(.)
+
+
+def prepare_cell_args(input: Tensor, hx, hidden_size: int, name: str = "LSTMCell"):
+    """nn.LSTMCell's handling of unbatched input and of a missing state, with its errors.
+
+    Returns (input, h_0, c_0, batched) with 2-D tensors."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        zeros = input.new_zeros(input.shape[0], hidden_size)
+        return input, zeros, zeros, batched
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
+        got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"{type(hx).__name__} of {len(hx)} items"
+        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two Tensors, got {got}")
+    for index, state in enumerate(hx):
+        if state.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hx[{index}] to be 1D or 2D, got {state.dim()}D instead")
+        if state.dim() != input.dim() - (0 if batched else 1):
+            kind = "batched (2-D)" if batched else "unbatched (1-D)"
+            raise RuntimeError(
+                f"{name}: {kind} input needs {'2' if batched else '1'}-D hx[{index}], got shape {tuple(state.shape)}"
+            )
+    h_0, c_0 = hx
+    if not batched:
+        h_0, c_0 = h_0.unsqueeze(0), c_0.unsqueeze(0)
+    return input, h_0, c_0, batched
+
+
+def _autocast_to(tensors, device_type):
+    # nn.LSTMCell runs in the autocast dtype on CUDA (lstm_cell is on autocast's lower-precision
+    # list there) and in the input dtype on the CPU (it is not on the CPU's list): do the same.
+    if device_type != "cuda" or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Optional[Tuple[Tensor, Tensor]],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    *,
+    return_gates: bool = False,
+):
+    """One fused LSTM step, as ``torch.lstm_cell``: returns ``(h_1, c_1)``.
+
+    input is (batch, input_size) or unbatched (input_size,); hx is (h_0, c_0) shaped like the
+    hidden state, or None for zeros. With ``return_gates=True`` returns ``(h_1, c_1, gates)`` where
+    gates is an :class:`LSTMGates` of the activated i, f, g, o."""
+    input, h_0, c_0, batched = prepare_cell_args(input, hx, weight_hh.shape[-1])
+    args = _autocast_to([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], input.device.type)
+    h_1, c_1, gates = ops.cell_forward(*args)
+    if not batched:
+        h_1, c_1, gates = h_1.squeeze(0), c_1.squeeze(0), gates.squeeze(0)
+    if not return_gates:
+        return h_1, c_1
+    return h_1, c_1, LSTMGates(*gates.chunk(4, dim=-1))
