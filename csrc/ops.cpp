@@ -119,6 +119,33 @@ void check_cell_forward_args(
   }
 }
 
+void check_cell_pointwise_args(
+    const at::Tensor& gates,
+    const at::Tensor& cx,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& hy,
+    const at::Tensor& cy) {
+  check_floating(gates, "gates");
+  TORCH_CHECK(
+      gates.dim() == 2 && gates.size(1) % 4 == 0,
+      "lstm_fused: gates must be 2-D [batch, 4 * hidden_size], got shape ", gates.sizes());
+  const int64_t batch = gates.size(0);
+  const int64_t hidden_size = gates.size(1) / 4;
+  check_matches(cx, "cx", gates);
+  check_shape(cx, "cx", {batch, hidden_size}, "[batch, hidden_size]");
+  check_matches(hy, "hy", gates);
+  check_shape(hy, "hy", {batch, hidden_size}, "[batch, hidden_size]");
+  check_matches(cy, "cy", gates);
+  check_shape(cy, "cy", {batch, hidden_size}, "[batch, hidden_size]");
+  if (bias.has_value()) {
+    check_matches(*bias, "bias", gates);
+    check_shape(*bias, "bias", {4 * hidden_size}, "(4 * hidden_size)");
+  }
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{gates, "gates"}, {hy, "hy"}, {cy, "cy"}}) {
+    TORCH_CHECK(t.is_contiguous(), "lstm_fused: ", name, " is written in place and must be contiguous");
+  }
+}
+
 void check_cell_gate_grads_args(
     const std::optional<at::Tensor>& grad_hy,
     const std::optional<at::Tensor>& grad_cy,
@@ -148,14 +175,6 @@ void check_cell_gate_grads_args(
   }
 }
 
-std::optional<at::Tensor> combined_bias(
-    const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh) {
-  if (bias_ih.has_value() && bias_hh.has_value()) {
-    return *bias_ih + *bias_hh;
-  }
-  return bias_ih.has_value() ? bias_ih : bias_hh;
-}
 
 namespace {
 
@@ -205,6 +224,10 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "cell_forward(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh) -> (Tensor hy, Tensor cy, Tensor gates)");
+  // The pointwise half of the forward, for callers that computed the products themselves (the
+  // sequence loop, the CUDA fallback path): adds bias, replaces the pre-activations in gates by
+  // the activated gates, writes hy and cy.
+  m.def("cell_pointwise_(Tensor(a!) gates, Tensor cx, Tensor? bias, Tensor(b!) hy, Tensor(c!) cy) -> ()");
   // The pointwise half of the backward: gradients of the gate pre-activations and of c0.
   m.def(
       "cell_gate_grads(Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_gates, Tensor cx, Tensor cy, "

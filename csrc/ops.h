@@ -21,6 +21,15 @@ void check_cell_forward_args(
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh);
 
+// cell_pointwise_ writes in place: gates and the outputs must be contiguous and of the shapes
+// [batch, 4 * hidden] and [batch, hidden].
+void check_cell_pointwise_args(
+    const at::Tensor& gates,
+    const at::Tensor& cx,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& hy,
+    const at::Tensor& cy);
+
 void check_cell_gate_grads_args(
     const std::optional<at::Tensor>& grad_hy,
     const std::optional<at::Tensor>& grad_cy,
@@ -29,9 +38,5 @@ void check_cell_gate_grads_args(
     const at::Tensor& cy,
     const at::Tensor& gates);
 
-// The sum of whichever biases are present, or nullopt when there are none.
-std::optional<at::Tensor> combined_bias(
-    const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh);
 
 }  // namespace lstm_fused

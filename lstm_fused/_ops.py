@@ -46,6 +46,11 @@ def _cell_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
     )
 
 
+@torch.library.register_fake("lstm_fused::cell_pointwise_")
+def _cell_pointwise_fake(gates, cx, bias, hy, cy):
+    return None
+
+
 @torch.library.register_fake("lstm_fused::cell_gate_grads")
 def _cell_gate_grads_fake(grad_hy, grad_cy, grad_gates, cx, cy, gates):
     return torch.empty_like(gates), torch.empty_like(cx)

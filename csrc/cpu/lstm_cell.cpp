@@ -32,6 +32,141 @@ void for_each_unit_range(int64_t batch, int64_t hidden_size, const Fn& fn) {
   });
 }
 
+// Pointers to one row segment of each gate's quarter of a [batch, 4 * hidden] buffer.
+template <typename scalar_t>
+struct GateRows {
+  scalar_t* input;
+  scalar_t* forget;
+  scalar_t* cell;
+  scalar_t* output;
+};
+
+// The row-segment loops are plain functions over restrict pointers so that GCC vectorises them
+// (inside the parallel lambdas it cannot prove the streams disjoint).
+template <typename scalar_t, bool kHasBias>
+void forward_units(
+    GateRows<scalar_t> gates,
+    GateRows<const scalar_t> bias,
+    const scalar_t* __restrict cell_prev,
+    scalar_t* __restrict cell_next,
+    scalar_t* __restrict hidden_next,
+    int64_t count) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t* __restrict input_gate = gates.input;
+  scalar_t* __restrict forget_gate = gates.forget;
+  scalar_t* __restrict cell_gate = gates.cell;
+  scalar_t* __restrict output_gate = gates.output;
+  const scalar_t* __restrict bias_i = bias.input;
+  const scalar_t* __restrict bias_f = bias.forget;
+  const scalar_t* __restrict bias_g = bias.cell;
+  const scalar_t* __restrict bias_o = bias.output;
+  for (int64_t j = 0; j < count; ++j) {
+    math::Gates<opmath_t> preactivation{
+        opmath_t(input_gate[j]), opmath_t(forget_gate[j]), opmath_t(cell_gate[j]), opmath_t(output_gate[j])};
+    if constexpr (kHasBias) {
+      preactivation.input += opmath_t(bias_i[j]);
+      preactivation.forget += opmath_t(bias_f[j]);
+      preactivation.cell += opmath_t(bias_g[j]);
+      preactivation.output += opmath_t(bias_o[j]);
+    }
+    const auto step = math::cell_forward(preactivation, opmath_t(cell_prev[j]));
+    // The activated gates overwrite their pre-activations: the buffer becomes the saved state.
+    input_gate[j] = step.gates.input;
+    forget_gate[j] = step.gates.forget;
+    cell_gate[j] = step.gates.cell;
+    output_gate[j] = step.gates.output;
+    cell_next[j] = step.cell_state;
+    hidden_next[j] = step.hidden_state;
+  }
+}
+
+// Which incoming gradients exist is a template parameter, so the loop has no per-element branch.
+template <typename scalar_t, bool kHasGradHidden, bool kHasGradCell, bool kHasGradGates>
+void backward_units(
+    GateRows<const scalar_t> gates,
+    GateRows<const scalar_t> grad_gates,
+    const scalar_t* __restrict cell_prev,
+    const scalar_t* __restrict cell_next,
+    const scalar_t* __restrict grad_hidden,
+    const scalar_t* __restrict grad_cell,
+    GateRows<scalar_t> grad_preactivation,
+    scalar_t* __restrict grad_cell_prev,
+    int64_t count) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict gi = gates.input;
+  const scalar_t* __restrict gf = gates.forget;
+  const scalar_t* __restrict gg = gates.cell;
+  const scalar_t* __restrict go = gates.output;
+  const scalar_t* __restrict dgi = grad_gates.input;
+  const scalar_t* __restrict dgf = grad_gates.forget;
+  const scalar_t* __restrict dgg = grad_gates.cell;
+  const scalar_t* __restrict dgo = grad_gates.output;
+  scalar_t* __restrict out_i = grad_preactivation.input;
+  scalar_t* __restrict out_f = grad_preactivation.forget;
+  scalar_t* __restrict out_g = grad_preactivation.cell;
+  scalar_t* __restrict out_o = grad_preactivation.output;
+  for (int64_t j = 0; j < count; ++j) {
+    const auto grads = math::cell_backward(
+        math::Gates<opmath_t>{opmath_t(gi[j]), opmath_t(gf[j]), opmath_t(gg[j]), opmath_t(go[j])},
+        opmath_t(cell_prev[j]),
+        opmath_t(cell_next[j]),
+        kHasGradHidden ? opmath_t(grad_hidden[j]) : opmath_t(0),
+        kHasGradCell ? opmath_t(grad_cell[j]) : opmath_t(0),
+        kHasGradGates ? math::Gates<opmath_t>{opmath_t(dgi[j]), opmath_t(dgf[j]), opmath_t(dgg[j]), opmath_t(dgo[j])}
+                      : math::Gates<opmath_t>{0, 0, 0, 0});
+    out_i[j] = grads.grad_preactivation.input;
+    out_f[j] = grads.grad_preactivation.forget;
+    out_g[j] = grads.grad_preactivation.cell;
+    out_o[j] = grads.grad_preactivation.output;
+    grad_cell_prev[j] = grads.grad_cell_state_prev;
+  }
+}
+
+template <typename T>
+GateRows<T> gate_rows(T* row, int64_t hidden_size) {
+  if (row == nullptr) {
+    return {nullptr, nullptr, nullptr, nullptr};
+  }
+  return {row, row + hidden_size, row + 2 * hidden_size, row + 3 * hidden_size};
+}
+
+void cell_pointwise_cpu(
+    at::Tensor& gates,
+    const at::Tensor& cx,
+    const std::optional<at::Tensor>& bias,
+    at::Tensor& hy,
+    at::Tensor& cy) {
+  check_cell_pointwise_args(gates, cx, bias, hy, cy);
+  const int64_t batch = gates.size(0);
+  const int64_t hidden_size = gates.size(1) / 4;
+  const at::Tensor cx_contiguous = cx.contiguous();
+  const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "lstm_fused_cell_pointwise_cpu", [&] {
+    scalar_t* gates_data = gates.data_ptr<scalar_t>();
+    const scalar_t* bias_data = bias_contiguous.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cx_data = cx_contiguous.const_data_ptr<scalar_t>();
+    scalar_t* hy_data = hy.data_ptr<scalar_t>();
+    scalar_t* cy_data = cy.data_ptr<scalar_t>();
+    const auto run = [&](auto kernel) {
+      for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
+        const int64_t offset = row * hidden_size + first;
+        kernel(
+            gate_rows(gates_data + row * 4 * hidden_size + first, hidden_size),
+            gate_rows(bias_data ? bias_data + first : nullptr, hidden_size),
+            cx_data + offset,
+            cy_data + offset,
+            hy_data + offset,
+            last - first);
+      });
+    };
+    if (bias_data) {
+      run(forward_units<scalar_t, true>);
+    } else {
+      run(forward_units<scalar_t, false>);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
     const at::Tensor& input,
     const at::Tensor& hx,
@@ -46,11 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
   const int64_t hidden_size = weight_hh.size(1);
   const auto options = input.options();
 
-  // Both products accumulate into one [batch, 4 * hidden] buffer that starts as the bias:
-  // no per-gate products, no chunk or cat copies, biases added once.
+  // Both products accumulate into one [batch, 4 * hidden] buffer: no per-gate products, no chunk
+  // or cat copies. bias_ih rides on the first product; bias_hh is added in the pointwise pass.
   at::Tensor gates = new_output({batch, 4 * hidden_size}, options);
-  if (auto bias = combined_bias(bias_ih, bias_hh)) {
-    at::addmm_out(gates, *bias, input, weight_ih.t());
+  if (bias_ih.has_value()) {
+    at::addmm_out(gates, *bias_ih, input, weight_ih.t());
   } else {
     at::mm_out(gates, input, weight_ih.t());
   }
@@ -58,34 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
 
   at::Tensor hy = new_output({batch, hidden_size}, options);
   at::Tensor cy = new_output({batch, hidden_size}, options);
-  const at::Tensor cx_contiguous = cx.contiguous();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_cell_forward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* gates_data = gates.data_ptr<scalar_t>();
-    const scalar_t* cx_data = cx_contiguous.const_data_ptr<scalar_t>();
-    scalar_t* hy_data = hy.data_ptr<scalar_t>();
-    scalar_t* cy_data = cy.data_ptr<scalar_t>();
-    for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
-      // The activated gates overwrite their pre-activations: the buffer becomes the saved state.
-      scalar_t* gate_row = gates_data + row * 4 * hidden_size;
-      const int64_t state_offset = row * hidden_size;
-      for (int64_t j = first; j < last; ++j) {
-        const math::Gates<opmath_t> preactivation{
-            opmath_t(gate_row[j]),
-            opmath_t(gate_row[hidden_size + j]),
-            opmath_t(gate_row[2 * hidden_size + j]),
-            opmath_t(gate_row[3 * hidden_size + j])};
-        const auto step = math::cell_forward(preactivation, opmath_t(cx_data[state_offset + j]));
-        gate_row[j] = step.gates.input;
-        gate_row[hidden_size + j] = step.gates.forget;
-        gate_row[2 * hidden_size + j] = step.gates.cell;
-        gate_row[3 * hidden_size + j] = step.gates.output;
-        cy_data[state_offset + j] = step.cell_state;
-        hy_data[state_offset + j] = step.hidden_state;
-      }
-    });
-  });
+  cell_pointwise_cpu(gates, cx, bias_hh, hy, cy);
   return {hy, cy, gates};
 }
 
@@ -127,33 +235,34 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
     const scalar_t* gates_data = gates_c.const_data_ptr<scalar_t>();
     scalar_t* grad_pre_data = grad_preactivation.data_ptr<scalar_t>();
     scalar_t* grad_cx_data = grad_cx.data_ptr<scalar_t>();
-    const auto load_gates = [hidden_size](const scalar_t* row, int64_t j) {
-      return math::Gates<opmath_t>{
-          opmath_t(row[j]),
-          opmath_t(row[hidden_size + j]),
-          opmath_t(row[2 * hidden_size + j]),
-          opmath_t(row[3 * hidden_size + j])};
+    const auto run = [&](auto kernel) {
+      for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
+        const int64_t gate_offset = row * 4 * hidden_size + first;
+        const int64_t offset = row * hidden_size + first;
+        const auto shifted = [](const scalar_t* data, int64_t by) { return data ? data + by : nullptr; };
+        kernel(
+            gate_rows(gates_data + gate_offset, hidden_size),
+            gate_rows(shifted(grad_gates_data, gate_offset), hidden_size),
+            cx_data + offset,
+            cy_data + offset,
+            shifted(grad_hy_data, offset),
+            shifted(grad_cy_data, offset),
+            gate_rows(grad_pre_data + gate_offset, hidden_size),
+            grad_cx_data + offset,
+            last - first);
+      });
     };
-    for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
-      const int64_t gate_offset = row * 4 * hidden_size;
-      const int64_t state_offset = row * hidden_size;
-      for (int64_t j = first; j < last; ++j) {
-        const int64_t k = state_offset + j;
-        const auto grads = math::cell_backward(
-            load_gates(gates_data + gate_offset, j),
-            opmath_t(cx_data[k]),
-            opmath_t(cy_data[k]),
-            grad_hy_data ? opmath_t(grad_hy_data[k]) : opmath_t(0),
-            grad_cy_data ? opmath_t(grad_cy_data[k]) : opmath_t(0),
-            grad_gates_data ? load_gates(grad_gates_data + gate_offset, j) : math::Gates<opmath_t>{0, 0, 0, 0});
-        scalar_t* out = grad_pre_data + gate_offset;
-        out[j] = grads.grad_preactivation.input;
-        out[hidden_size + j] = grads.grad_preactivation.forget;
-        out[2 * hidden_size + j] = grads.grad_preactivation.cell;
-        out[3 * hidden_size + j] = grads.grad_preactivation.output;
-        grad_cx_data[k] = grads.grad_cell_state_prev;
-      }
-    });
+    const int variant = (grad_hy_data ? 4 : 0) + (grad_cy_data ? 2 : 0) + (grad_gates_data ? 1 : 0);
+    switch (variant) {
+      case 0: run(backward_units<scalar_t, false, false, false>); break;
+      case 1: run(backward_units<scalar_t, false, false, true>); break;
+      case 2: run(backward_units<scalar_t, false, true, false>); break;
+      case 3: run(backward_units<scalar_t, false, true, true>); break;
+      case 4: run(backward_units<scalar_t, true, false, false>); break;
+      case 5: run(backward_units<scalar_t, true, false, true>); break;
+      case 6: run(backward_units<scalar_t, true, true, false>); break;
+      default: run(backward_units<scalar_t, true, true, true>); break;
+    }
   });
   return {grad_preactivation, grad_cx};
 }
@@ -162,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("cell_forward", &cell_forward_cpu);
+  m.impl("cell_pointwise_", &cell_pointwise_cpu);
   m.impl("cell_gate_grads", &cell_gate_grads_cpu);
 }
 
