@@ -1,9 +1,9 @@
-"""Loads the compiled operators and gives them what torch needs around them: fake (meta)
-implementations for torch.compile, and autograd with the hand-written backward."""
+"""Loads the compiled operators and gives them what torch.compile needs: fake (meta)
+implementations. Their autograd (the hand-written backward) is registered in C++
+(csrc/autograd.cpp)."""
 import os
 
 import torch
-import torch.nn.functional as F
 
 
 def _load_extension():
@@ -54,52 +54,3 @@ def _cell_pointwise_fake(gates, cx, bias, hy, cy):
 @torch.library.register_fake("lstm_fused::cell_gate_grads")
 def _cell_gate_grads_fake(grad_hy, grad_cy, grad_gates, cx, cy, gates):
     return torch.empty_like(gates), torch.empty_like(cx)
-
-
-def _cell_forward_setup_context(ctx, inputs, output):
-    input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh = inputs
-    _, cy, gates = output
-    # Outputs nobody used arrive as None rather than as zero tensors the kernel would have to read.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, cy, gates)
-
-
-def _cell_forward_backward(ctx, grad_hy, grad_cy, grad_gates):
-    input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, cy, gates = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): the fused kernels are not themselves
-        # differentiable, so rebuild the step from differentiable torch ops for this rare path.
-        return _differentiable_backward(needs, (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh),
-                                        (grad_hy, grad_cy, grad_gates))
-    output_mask = [needs[0], needs[1], needs[2], needs[3], needs[4], needs[5] or needs[6]]
-    grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias = ops.cell_backward(
-        grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask
-    )
-    grads = (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias)
-    return tuple(grad if need else None for grad, need in zip(grads, needs))
-
-
-def _composite_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
-    """The step as differentiable torch ops, used only to build a double-backward graph."""
-    preactivation = F.linear(input, weight_ih, bias_ih) + F.linear(hx, weight_hh, bias_hh)
-    i, f, g, o = preactivation.chunk(4, dim=1)
-    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-    cy = f * cx + i * g
-    return o * cy.tanh(), cy, torch.cat((i, f, g, o), dim=1)
-
-
-def _differentiable_backward(needs, inputs, grad_outputs):
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    with torch.enable_grad():
-        outputs = _composite_cell(*inputs)
-        used = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None]
-        grads = iter(torch.autograd.grad(
-            [out for out, _ in used], wanted, [grad for _, grad in used], create_graph=True, allow_unused=True
-        ))
-    return tuple(next(grads) if need else None for need in needs)
-
-
-torch.library.register_autograd(
-    "lstm_fused::cell_forward", _cell_forward_backward, setup_context=_cell_forward_setup_context
-)

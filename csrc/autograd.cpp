@@ -1,0 +1,170 @@
+// Autograd for cell_forward, in C++: a training step crosses no Python between the forward op and
+// its hand-written backward (at batch 1 that Python was over half of nn.LSTMCell's whole step).
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace lstm_fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using CellForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
+
+// The step rebuilt from differentiable ATen ops. Used only under create_graph=True (double
+// backward), where the fused kernels, which autograd cannot see into, will not do.
+variable_list composite_cell(const variable_list& in) {
+  const auto& [input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh] =
+      std::tie(in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
+  const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  const auto preactivation = at::linear(input, weight_ih, optional(bias_ih)) + at::linear(hx, weight_hh, optional(bias_hh));
+  const auto chunks = preactivation.chunk(4, 1);
+  const auto input_gate = chunks[0].sigmoid();
+  const auto forget_gate = chunks[1].sigmoid();
+  const auto cell_gate = chunks[2].tanh();
+  const auto output_gate = chunks[3].sigmoid();
+  const auto cy = forget_gate * cx + input_gate * cell_gate;
+  return {output_gate * cy.tanh(), cy, at::cat({input_gate, forget_gate, cell_gate, output_gate}, 1)};
+}
+
+class CellFunction : public torch::autograd::Function<CellFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& hx,
+      const at::Tensor& cx,
+      const at::Tensor& weight_ih,
+      const at::Tensor& weight_hh,
+      const std::optional<at::Tensor>& bias_ih,
+      const std::optional<at::Tensor>& bias_hh) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::cell_forward", "").typed<CellForwardFn>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [hy, cy, gates] = op.call(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+    // An output nobody used arrives as an undefined gradient instead of a zero tensor to read.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(
+        {input, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()), bias_hh.value_or(at::Tensor()), cy, gates});
+    return {hy, cy, gates};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const variable_list inputs(saved.begin(), saved.begin() + 7);
+    const at::Tensor& cy = saved[7];
+    const at::Tensor& gates = saved[8];
+
+    // needs_input_grad counts only the tensors that were passed, so an absent bias shifts the rest.
+    std::array<bool, 7> needs{};
+    size_t edge = 0;
+    for (size_t i = 0; i < needs.size(); ++i) {
+      if (inputs[i].defined()) {
+        needs[i] = ctx->needs_input_grad(edge++);
+      }
+    }
+
+    if (at::GradMode::is_enabled()) {
+      return differentiable_backward(inputs, grad_outputs, needs);
+    }
+
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lstm_fused::cell_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&,
+                             const std::optional<at::Tensor>&,
+                             const at::Tensor&,
+                             const at::Tensor&,
+                             const at::Tensor&,
+                             const at::Tensor&,
+                             const at::Tensor&,
+                             const at::Tensor&,
+                             const at::Tensor&,
+                             std::array<bool, 6>)>();
+    const std::array<bool, 6> output_mask{needs[0], needs[1], needs[2], needs[3], needs[4], needs[5] || needs[6]};
+    auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
+        optional(grad_outputs[0]),
+        optional(grad_outputs[1]),
+        optional(grad_outputs[2]),
+        inputs[0],
+        inputs[1],
+        inputs[2],
+        cy,
+        gates,
+        inputs[3],
+        inputs[4],
+        output_mask);
+    const variable_list grads{grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias};
+    variable_list result(7);
+    for (size_t i = 0; i < 7; ++i) {
+      if (needs[i]) {
+        result[i] = grads[i];
+      }
+    }
+    return result;
+  }
+
+ private:
+  static variable_list differentiable_backward(
+      const variable_list& inputs,
+      const variable_list& grad_outputs,
+      const std::array<bool, 7>& needs) {
+    const variable_list outputs = composite_cell(inputs);
+    variable_list used_outputs, used_grads, wanted;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      if (grad_outputs[i].defined()) {
+        used_outputs.push_back(outputs[i]);
+        used_grads.push_back(grad_outputs[i]);
+      }
+    }
+    for (size_t i = 0; i < needs.size(); ++i) {
+      if (needs[i]) {
+        wanted.push_back(inputs[i]);
+      }
+    }
+    variable_list result(7);
+    if (used_outputs.empty() || wanted.empty()) {
+      return result;
+    }
+    const variable_list grads = torch::autograd::grad(
+        used_outputs, wanted, used_grads, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
+    size_t next = 0;
+    for (size_t i = 0; i < needs.size(); ++i) {
+      if (needs[i]) {
+        result[i] = grads[next++];
+      }
+    }
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_autograd(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh) {
+  const auto outputs = CellFunction::apply(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
+  m.impl("cell_forward", &cell_forward_autograd);
+}
+
+}  // namespace lstm_fused
