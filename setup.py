@@ -56,11 +56,9 @@ def write_build_info(with_cuda):
 def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/lstm_cell.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/lstm_cell.cpp", "csrc/cpu/cell_units_avx2.cpp"]
     # -fopenmp: without it at::parallel_for compiles to a serial loop. -g0 keeps the .so small.
-    # -fno-trapping-math: lets GCC vectorise the float->int step of the CPU exp (we never enable
-    # floating-point traps); NaN and Inf semantics are unchanged.
-    cxx_flags = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
+    cxx_flags = ["-O3", "-g0", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension(

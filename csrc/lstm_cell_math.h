@@ -17,74 +17,12 @@ namespace lstm_fused {
 namespace math {
 
 // Explicit float/double overloads: a generic std:: call would be silently evaluated in float on
-// some device paths (extension-cpp's LLTM lost float64 gradcheck that way).
-//
-// float on the host does not call libm: glibc's expf/tanhf are scalar calls the compiler cannot
-// vectorise, and cost ~20 ns a unit against the ~1 ns of a vectorised loop. The branch-free
-// Cephes-style approximations below (within ~2 ulp of libm) let GCC vectorise the CPU kernels'
-// loops. double keeps libm everywhere, so float64 gradchecks use exact functions; the GPU keeps
-// CUDA's own expf/tanhf.
-#if !defined(__CUDA_ARCH__)
-namespace detail {
-
-inline float bits_to_float(unsigned int bits) {
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline float exp_cephes(float x) {
-  // Clamped to the finite range; comparisons are false for NaN, so NaN passes through.
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
-  x = x < -87.3365447505531f ? -87.3365447505531f : x;
-  // x = n ln2 + r with |r| <= ln2 / 2; ln2 split in two so n * ln2 stays exact.
-  float n = static_cast<float>(static_cast<int>(x * 1.44269504088896341f + 0.5f));
-  n = n > x * 1.44269504088896341f + 0.5f ? n - 1.0f : n;  // floor, without SSE4.1
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // 2^n assembled in the exponent bits; unsigned so a NaN's garbage n is not undefined behaviour.
-  return p * bits_to_float((static_cast<unsigned int>(static_cast<int>(n)) + 127u) << 23);
-}
-
-inline float tanh_cephes(float x) {
-  const float ax = x < 0.0f ? -x : x;
-  // Small |x|: odd polynomial, free of the cancellation in 1 - 2 / (e^2x + 1).
-  const float z = x * x;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float small = p * z * x + x;
-  const float big_magnitude = 1.0f - 2.0f / (exp_cephes(2.0f * ax) + 1.0f);
-  const float big = x < 0.0f ? -big_magnitude : big_magnitude;
-  return ax < 0.625f ? small : big;
-}
-
-}  // namespace detail
-#endif
-
-LSTM_FUSED_HOST_DEVICE float exp_(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return detail::exp_cephes(x);
-#endif
-}
+// some device paths (extension-cpp's LLTM lost float64 gradcheck that way). The CPU's vectorised
+// path instantiates the templates below with an 8-lane type whose exp_/tanh_ are found by
+// argument-dependent lookup (csrc/cpu/cell_units_avx2.cpp).
+LSTM_FUSED_HOST_DEVICE float exp_(float x) { return expf(x); }
 LSTM_FUSED_HOST_DEVICE double exp_(double x) { return exp(x); }
-LSTM_FUSED_HOST_DEVICE float tanh_(float x) {
-#if defined(__CUDA_ARCH__)
-  return tanhf(x);
-#else
-  return detail::tanh_cephes(x);
-#endif
-}
+LSTM_FUSED_HOST_DEVICE float tanh_(float x) { return tanhf(x); }
 LSTM_FUSED_HOST_DEVICE double tanh_(double x) { return tanh(x); }
 
 // 1 / (1 + e^-x): saturates to exactly 0 or 1 without overflow traps, and lets NaN through.

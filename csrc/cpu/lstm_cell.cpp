@@ -1,5 +1,5 @@
 // CPU kernels of the LSTM cell: two BLAS products into one gate buffer, then one parallel
-// pointwise pass that applies the cell math of lstm_cell_math.h in place.
+// pointwise pass (cell_units.h) that applies the cell math of lstm_cell_math.h in place.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -7,15 +7,18 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include "../lstm_cell_math.h"
 #include "../ops.h"
+#include "cell_units.h"
 
 namespace lstm_fused {
 namespace {
 
-// About 20 ns of transcendental math per hidden unit: chunks of this many units keep the
-// threads' start-up cost (a few microseconds) small against their work.
-constexpr int64_t kUnitsPerTask = 2048;
+using cpu::gate_rows;
+using cpu::GateRows;
+
+// A few ns of transcendental math per hidden unit: chunks of this many units keep the threads'
+// start-up cost (a few microseconds) small against their work.
+constexpr int64_t kUnitsPerTask = 4096;
 
 // Runs fn(row, first_unit, end_unit) over the batch x hidden grid, split across threads by
 // units rather than rows, so one long row (batch 1, hidden 1024) still uses every core.
@@ -32,102 +35,52 @@ void for_each_unit_range(int64_t batch, int64_t hidden_size, const Fn& fn) {
   });
 }
 
-// Pointers to one row segment of each gate's quarter of a [batch, 4 * hidden] buffer.
+// Only float has a vectorised loop; other dtypes start the scalar loop at the first unit.
 template <typename scalar_t>
-struct GateRows {
-  scalar_t* input;
-  scalar_t* forget;
-  scalar_t* cell;
-  scalar_t* output;
-};
-
-// The row-segment loops are plain functions over restrict pointers so that GCC vectorises them
-// (inside the parallel lambdas it cannot prove the streams disjoint).
-template <typename scalar_t, bool kHasBias>
-void forward_units(
-    GateRows<scalar_t> gates,
-    GateRows<const scalar_t> bias,
-    const scalar_t* __restrict cell_prev,
-    scalar_t* __restrict cell_next,
-    scalar_t* __restrict hidden_next,
-    int64_t count) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  scalar_t* __restrict input_gate = gates.input;
-  scalar_t* __restrict forget_gate = gates.forget;
-  scalar_t* __restrict cell_gate = gates.cell;
-  scalar_t* __restrict output_gate = gates.output;
-  const scalar_t* __restrict bias_i = bias.input;
-  const scalar_t* __restrict bias_f = bias.forget;
-  const scalar_t* __restrict bias_g = bias.cell;
-  const scalar_t* __restrict bias_o = bias.output;
-  for (int64_t j = 0; j < count; ++j) {
-    math::Gates<opmath_t> preactivation{
-        opmath_t(input_gate[j]), opmath_t(forget_gate[j]), opmath_t(cell_gate[j]), opmath_t(output_gate[j])};
-    if constexpr (kHasBias) {
-      preactivation.input += opmath_t(bias_i[j]);
-      preactivation.forget += opmath_t(bias_f[j]);
-      preactivation.cell += opmath_t(bias_g[j]);
-      preactivation.output += opmath_t(bias_o[j]);
-    }
-    const auto step = math::cell_forward(preactivation, opmath_t(cell_prev[j]));
-    // The activated gates overwrite their pre-activations: the buffer becomes the saved state.
-    input_gate[j] = step.gates.input;
-    forget_gate[j] = step.gates.forget;
-    cell_gate[j] = step.gates.cell;
-    output_gate[j] = step.gates.output;
-    cell_next[j] = step.cell_state;
-    hidden_next[j] = step.hidden_state;
-  }
+int64_t forward_units_vectorized(
+    GateRows<scalar_t>, GateRows<const scalar_t>, const scalar_t*, scalar_t*, scalar_t*, int64_t first, int64_t) {
+  return first;
 }
 
-// Which incoming gradients exist is a template parameter, so the loop has no per-element branch.
-template <typename scalar_t, bool kHasGradHidden, bool kHasGradCell, bool kHasGradGates>
-void backward_units(
-    GateRows<const scalar_t> gates,
-    GateRows<const scalar_t> grad_gates,
-    const scalar_t* __restrict cell_prev,
-    const scalar_t* __restrict cell_next,
-    const scalar_t* __restrict grad_hidden,
-    const scalar_t* __restrict grad_cell,
-    GateRows<scalar_t> grad_preactivation,
-    scalar_t* __restrict grad_cell_prev,
-    int64_t count) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const scalar_t* __restrict gi = gates.input;
-  const scalar_t* __restrict gf = gates.forget;
-  const scalar_t* __restrict gg = gates.cell;
-  const scalar_t* __restrict go = gates.output;
-  const scalar_t* __restrict dgi = grad_gates.input;
-  const scalar_t* __restrict dgf = grad_gates.forget;
-  const scalar_t* __restrict dgg = grad_gates.cell;
-  const scalar_t* __restrict dgo = grad_gates.output;
-  scalar_t* __restrict out_i = grad_preactivation.input;
-  scalar_t* __restrict out_f = grad_preactivation.forget;
-  scalar_t* __restrict out_g = grad_preactivation.cell;
-  scalar_t* __restrict out_o = grad_preactivation.output;
-  for (int64_t j = 0; j < count; ++j) {
-    const auto grads = math::cell_backward(
-        math::Gates<opmath_t>{opmath_t(gi[j]), opmath_t(gf[j]), opmath_t(gg[j]), opmath_t(go[j])},
-        opmath_t(cell_prev[j]),
-        opmath_t(cell_next[j]),
-        kHasGradHidden ? opmath_t(grad_hidden[j]) : opmath_t(0),
-        kHasGradCell ? opmath_t(grad_cell[j]) : opmath_t(0),
-        kHasGradGates ? math::Gates<opmath_t>{opmath_t(dgi[j]), opmath_t(dgf[j]), opmath_t(dgg[j]), opmath_t(dgo[j])}
-                      : math::Gates<opmath_t>{0, 0, 0, 0});
-    out_i[j] = grads.grad_preactivation.input;
-    out_f[j] = grads.grad_preactivation.forget;
-    out_g[j] = grads.grad_preactivation.cell;
-    out_o[j] = grads.grad_preactivation.output;
-    grad_cell_prev[j] = grads.grad_cell_state_prev;
-  }
+int64_t forward_units_vectorized(
+    GateRows<float> gates,
+    GateRows<const float> bias,
+    const float* cell_prev,
+    float* cell_next,
+    float* hidden_next,
+    int64_t first,
+    int64_t end) {
+  return cpu::forward_units_avx2(bias.input != nullptr, gates, bias, cell_prev, cell_next, hidden_next, first, end);
 }
 
-template <typename T>
-GateRows<T> gate_rows(T* row, int64_t hidden_size) {
-  if (row == nullptr) {
-    return {nullptr, nullptr, nullptr, nullptr};
-  }
-  return {row, row + hidden_size, row + 2 * hidden_size, row + 3 * hidden_size};
+template <typename scalar_t>
+int64_t backward_units_vectorized(
+    GateRows<const scalar_t>,
+    GateRows<const scalar_t>,
+    const scalar_t*,
+    const scalar_t*,
+    const scalar_t*,
+    const scalar_t*,
+    GateRows<scalar_t>,
+    scalar_t*,
+    int64_t first,
+    int64_t) {
+  return first;
+}
+
+int64_t backward_units_vectorized(
+    GateRows<const float> gates,
+    GateRows<const float> grad_gates,
+    const float* cell_prev,
+    const float* cell_next,
+    const float* grad_hidden,
+    const float* grad_cell,
+    GateRows<float> grad_preactivation,
+    float* grad_cell_prev,
+    int64_t first,
+    int64_t end) {
+  return cpu::backward_units_avx2(
+      gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
 }
 
 void cell_pointwise_cpu(
@@ -147,23 +100,20 @@ void cell_pointwise_cpu(
     const scalar_t* cx_data = cx_contiguous.const_data_ptr<scalar_t>();
     scalar_t* hy_data = hy.data_ptr<scalar_t>();
     scalar_t* cy_data = cy.data_ptr<scalar_t>();
-    const auto run = [&](auto kernel) {
-      for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
-        const int64_t offset = row * hidden_size + first;
-        kernel(
-            gate_rows(gates_data + row * 4 * hidden_size + first, hidden_size),
-            gate_rows(bias_data ? bias_data + first : nullptr, hidden_size),
-            cx_data + offset,
-            cy_data + offset,
-            hy_data + offset,
-            last - first);
-      });
-    };
-    if (bias_data) {
-      run(forward_units<scalar_t, true>);
-    } else {
-      run(forward_units<scalar_t, false>);
-    }
+    using Lanes = cpu::ScalarLanes<scalar_t, at::opmath_type<scalar_t>>;
+    for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
+      const GateRows<scalar_t> gates_row = gate_rows(gates_data + row * 4 * hidden_size, hidden_size);
+      const GateRows<const scalar_t> bias_row = gate_rows(bias_data, hidden_size);
+      const scalar_t* cx_row = cx_data + row * hidden_size;
+      scalar_t* cy_row = cy_data + row * hidden_size;
+      scalar_t* hy_row = hy_data + row * hidden_size;
+      const int64_t done = forward_units_vectorized(gates_row, bias_row, cx_row, cy_row, hy_row, first, last);
+      if (bias_data) {
+        cpu::forward_units<Lanes, true>(gates_row, bias_row, cx_row, cy_row, hy_row, done, last);
+      } else {
+        cpu::forward_units<Lanes, false>(gates_row, bias_row, cx_row, cy_row, hy_row, done, last);
+      }
+    });
   });
 }
 
@@ -223,7 +173,6 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
   const at::Tensor gates_c = gates.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_fused_cell_gate_grads_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const auto data_or_null = [](const at::Tensor& t) -> const scalar_t* {
       return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
     };
@@ -235,34 +184,29 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
     const scalar_t* gates_data = gates_c.const_data_ptr<scalar_t>();
     scalar_t* grad_pre_data = grad_preactivation.data_ptr<scalar_t>();
     scalar_t* grad_cx_data = grad_cx.data_ptr<scalar_t>();
-    const auto run = [&](auto kernel) {
-      for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
-        const int64_t gate_offset = row * 4 * hidden_size + first;
-        const int64_t offset = row * hidden_size + first;
-        const auto shifted = [](const scalar_t* data, int64_t by) { return data ? data + by : nullptr; };
-        kernel(
-            gate_rows(gates_data + gate_offset, hidden_size),
-            gate_rows(shifted(grad_gates_data, gate_offset), hidden_size),
-            cx_data + offset,
-            cy_data + offset,
-            shifted(grad_hy_data, offset),
-            shifted(grad_cy_data, offset),
-            gate_rows(grad_pre_data + gate_offset, hidden_size),
-            grad_cx_data + offset,
-            last - first);
-      });
-    };
-    const int variant = (grad_hy_data ? 4 : 0) + (grad_cy_data ? 2 : 0) + (grad_gates_data ? 1 : 0);
-    switch (variant) {
-      case 0: run(backward_units<scalar_t, false, false, false>); break;
-      case 1: run(backward_units<scalar_t, false, false, true>); break;
-      case 2: run(backward_units<scalar_t, false, true, false>); break;
-      case 3: run(backward_units<scalar_t, false, true, true>); break;
-      case 4: run(backward_units<scalar_t, true, false, false>); break;
-      case 5: run(backward_units<scalar_t, true, false, true>); break;
-      case 6: run(backward_units<scalar_t, true, true, false>); break;
-      default: run(backward_units<scalar_t, true, true, true>); break;
-    }
+    using Lanes = cpu::ScalarLanes<scalar_t, at::opmath_type<scalar_t>>;
+    using Variant = decltype(&cpu::backward_units<Lanes, false, false, false>);
+    static constexpr Variant variants[8] = {
+        cpu::backward_units<Lanes, false, false, false>, cpu::backward_units<Lanes, false, false, true>,
+        cpu::backward_units<Lanes, false, true, false>,  cpu::backward_units<Lanes, false, true, true>,
+        cpu::backward_units<Lanes, true, false, false>,  cpu::backward_units<Lanes, true, false, true>,
+        cpu::backward_units<Lanes, true, true, false>,   cpu::backward_units<Lanes, true, true, true>};
+    const Variant scalar_loop =
+        variants[(grad_hy_data ? 4 : 0) + (grad_cy_data ? 2 : 0) + (grad_gates_data ? 1 : 0)];
+    for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
+      const int64_t gate_offset = row * 4 * hidden_size;
+      const int64_t offset = row * hidden_size;
+      const auto shifted = [](const scalar_t* data, int64_t by) { return data ? data + by : nullptr; };
+      const GateRows<const scalar_t> gates_row = gate_rows(gates_data + gate_offset, hidden_size);
+      const GateRows<const scalar_t> grad_gates_row = gate_rows(shifted(grad_gates_data, gate_offset), hidden_size);
+      const GateRows<scalar_t> grad_pre_row = gate_rows(grad_pre_data + gate_offset, hidden_size);
+      const int64_t done = backward_units_vectorized(
+          gates_row, grad_gates_row, cx_data + offset, cy_data + offset, shifted(grad_hy_data, offset),
+          shifted(grad_cy_data, offset), grad_pre_row, grad_cx_data + offset, first, last);
+      scalar_loop(
+          gates_row, grad_gates_row, cx_data + offset, cy_data + offset, shifted(grad_hy_data, offset),
+          shifted(grad_cy_data, offset), grad_pre_row, grad_cx_data + offset, done, last);
+    });
   });
   return {grad_preactivation, grad_cx};
 }

@@ -1,0 +1,145 @@
+// The CPU pointwise loops over one row segment of hidden units, written once over a "lanes"
+// policy: Scalar (one unit at a time, any dtype) here, and 8 float lanes with AVX2 in
+// cell_units_avx2.cpp. Both apply the same lstm_cell_math.h formulas.
+#pragma once
+
+#include <cstdint>
+
+#include "../lstm_cell_math.h"
+
+namespace lstm_fused {
+namespace cpu {
+
+// Pointers to one row segment of each gate's quarter of a [batch, 4 * hidden] buffer.
+template <typename T>
+struct GateRows {
+  T* input;
+  T* forget;
+  T* cell;
+  T* output;
+};
+
+template <typename T>
+GateRows<T> gate_rows(T* row, int64_t hidden_size) {
+  if (row == nullptr) {
+    return {nullptr, nullptr, nullptr, nullptr};
+  }
+  return {row, row + hidden_size, row + 2 * hidden_size, row + 3 * hidden_size};
+}
+
+// Storage type scalar_t, computed one unit at a time in compute_t (float for half/bfloat16).
+template <typename scalar_t, typename compute_t>
+struct ScalarLanes {
+  using storage = scalar_t;
+  using value = compute_t;
+  static constexpr int64_t width = 1;
+  static value load(const storage* p) { return value(*p); }
+  static void store(storage* p, value v) { *p = storage(v); }
+};
+
+template <typename Lanes>
+math::Gates<typename Lanes::value> load_gates(GateRows<const typename Lanes::storage> rows, int64_t j) {
+  return {Lanes::load(rows.input + j), Lanes::load(rows.forget + j), Lanes::load(rows.cell + j), Lanes::load(rows.output + j)};
+}
+
+template <typename Lanes>
+void store_gates(GateRows<typename Lanes::storage> rows, int64_t j, const math::Gates<typename Lanes::value>& g) {
+  Lanes::store(rows.input + j, g.input);
+  Lanes::store(rows.forget + j, g.forget);
+  Lanes::store(rows.cell + j, g.cell);
+  Lanes::store(rows.output + j, g.output);
+}
+
+template <typename T>
+GateRows<const T> as_const(GateRows<T> rows) {
+  return {rows.input, rows.forget, rows.cell, rows.output};
+}
+
+// Adds the bias, activates the gates in place (the buffer becomes what backward reads) and
+// writes the new states, for units [first, end) in steps of Lanes::width. Returns the first
+// unit it left for a narrower policy to finish.
+template <typename Lanes, bool kHasBias>
+int64_t forward_units(
+    GateRows<typename Lanes::storage> gates,
+    GateRows<const typename Lanes::storage> bias,
+    const typename Lanes::storage* cell_prev,
+    typename Lanes::storage* cell_next,
+    typename Lanes::storage* hidden_next,
+    int64_t first,
+    int64_t end) {
+  using value = typename Lanes::value;
+  int64_t j = first;
+  for (; j + Lanes::width <= end; j += Lanes::width) {
+    math::Gates<value> preactivation = load_gates<Lanes>(as_const(gates), j);
+    if constexpr (kHasBias) {
+      const math::Gates<value> b = load_gates<Lanes>(bias, j);
+      preactivation = {
+          preactivation.input + b.input,
+          preactivation.forget + b.forget,
+          preactivation.cell + b.cell,
+          preactivation.output + b.output};
+    }
+    const auto step = math::cell_forward(preactivation, Lanes::load(cell_prev + j));
+    store_gates<Lanes>(gates, j, step.gates);
+    Lanes::store(cell_next + j, step.cell_state);
+    Lanes::store(hidden_next + j, step.hidden_state);
+  }
+  return j;
+}
+
+// Gradients of the gate pre-activations and of c0 for units [first, end). Which incoming
+// gradients exist is a template parameter, so the loop has no per-element branch.
+template <typename Lanes, bool kHasGradHidden, bool kHasGradCell, bool kHasGradGates>
+int64_t backward_units(
+    GateRows<const typename Lanes::storage> gates,
+    GateRows<const typename Lanes::storage> grad_gates,
+    const typename Lanes::storage* cell_prev,
+    const typename Lanes::storage* cell_next,
+    const typename Lanes::storage* grad_hidden,
+    const typename Lanes::storage* grad_cell,
+    GateRows<typename Lanes::storage> grad_preactivation,
+    typename Lanes::storage* grad_cell_prev,
+    int64_t first,
+    int64_t end) {
+  using value = typename Lanes::value;
+  int64_t j = first;
+  for (; j + Lanes::width <= end; j += Lanes::width) {
+    const auto grads = math::cell_backward(
+        load_gates<Lanes>(gates, j),
+        Lanes::load(cell_prev + j),
+        Lanes::load(cell_next + j),
+        kHasGradHidden ? Lanes::load(grad_hidden + j) : value(0),
+        kHasGradCell ? Lanes::load(grad_cell + j) : value(0),
+        kHasGradGates ? load_gates<Lanes>(grad_gates, j) : math::Gates<value>{value(0), value(0), value(0), value(0)});
+    store_gates<Lanes>(grad_preactivation, j, grads.grad_preactivation);
+    Lanes::store(grad_cell_prev + j, grads.grad_cell_state_prev);
+  }
+  return j;
+}
+
+// The 8-lane AVX2 loops for float (cell_units_avx2.cpp); they return how far they got, and
+// return `first` untouched on a CPU without AVX2 and FMA.
+bool have_avx2();
+int64_t forward_units_avx2(
+    bool has_bias,
+    GateRows<float> gates,
+    GateRows<const float> bias,
+    const float* cell_prev,
+    float* cell_next,
+    float* hidden_next,
+    int64_t first,
+    int64_t end);
+int64_t backward_units_avx2(
+    GateRows<const float> gates,
+    GateRows<const float> grad_gates,
+    const float* cell_prev,
+    const float* cell_next,
+    const float* grad_hidden,
+    const float* grad_cell,
+    GateRows<float> grad_preactivation,
+    float* grad_cell_prev,
+    int64_t first,
+    int64_t end);
+
+}  // namespace cpu
+}  // namespace lstm_fused
