@@ -212,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       output_mask[2] ? grad_cx : empty(),
       output_mask[3] ? at::mm(grad_preactivation.t(), input) : empty(),
       output_mask[4] ? at::mm(grad_preactivation.t(), hx) : empty(),
-      output_mask[5] ? grad_preactivation.sum(0) : empty(),
+      // A batch of one needs no reduction: its row is the bias gradient.
+      output_mask[5] ? (grad_preactivation.size(0) == 1 ? grad_preactivation[0] : grad_preactivation.sum(0)) : empty(),
   };
 }
 

@@ -4,7 +4,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from ._ops import BUILD_INFO, ops
 
 
 class LSTMGates(NamedTuple):
@@ -74,7 +74,13 @@ def lstm_cell(
     hidden state, or None for zeros. With ``return_gates=True`` returns ``(h_1, c_1, gates)`` where
     gates is an :class:`LSTMGates` of the activated i, f, g, o."""
     input, h_0, c_0, batched = prepare_cell_args(input, hx, weight_hh.shape[-1])
-    args = _autocast_to([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], input.device.type)
+    device_type = input.device.type
+    if device_type == "cuda" and not BUILD_INFO.WITH_CUDA:
+        raise RuntimeError(
+            "lstm_fused was built without its CUDA kernels (no CUDA toolkit or CPU-only torch at build time); "
+            "rebuild with `LSTM_FUSED_CUDA=1 pip install --no-build-isolation --force-reinstall --no-deps .`"
+        )
+    args = _autocast_to([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], device_type)
     h_1, c_1, gates = ops.cell_forward(*args)
     if not batched:
         h_1, c_1, gates = h_1.squeeze(0), c_1.squeeze(0), gates.squeeze(0)
