@@ -1,5 +1,6 @@
 // The float pointwise loops, 8 units at a time with AVX2 and Sleef's vector exp/tanh (exported by
-// libtorch_cpu, the same functions ATen's own sigmoid/tanh use; 1-ulp accurate). Compiled for
+// libtorch_cpu, the library ATen's own vectorised math uses; 1-ulp accurate). The AVX2 variants
+// are called directly: Sleef's own dispatching entry point costs an indirect call per vector. Compiled for
 // AVX2+FMA by the pragma; called only after have_avx2() said yes. This file includes no ATen or
 // c10 header, so no shared inline function is ever compiled here with instructions another file
 // could pick up on a CPU without them.
@@ -10,8 +11,8 @@
 #include "cell_units.h"
 
 extern "C" {
-__m256 Sleef_expf8_u10(__m256);
-__m256 Sleef_tanhf8_u10(__m256);
+__m256 Sleef_expf8_u10avx2(__m256);
+__m256 Sleef_tanhf8_u10avx2(__m256);
 }
 
 namespace lstm_fused {
@@ -32,8 +33,8 @@ inline Float8 operator-(Float8 a, Float8 b) { return _mm256_sub_ps(a.v, b.v); }
 inline Float8 operator*(Float8 a, Float8 b) { return _mm256_mul_ps(a.v, b.v); }
 inline Float8 operator/(Float8 a, Float8 b) { return _mm256_div_ps(a.v, b.v); }
 inline Float8 operator-(Float8 a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
-inline Float8 exp_(Float8 x) { return Sleef_expf8_u10(x.v); }
-inline Float8 tanh_(Float8 x) { return Sleef_tanhf8_u10(x.v); }
+inline Float8 exp_(Float8 x) { return Sleef_expf8_u10avx2(x.v); }
+inline Float8 tanh_(Float8 x) { return Sleef_tanhf8_u10avx2(x.v); }
 
 struct Float8Lanes {
   using storage = float;
