@@ -67,15 +67,19 @@ struct alignas(sizeof(T) * N) Vector {
   T values[N];
 };
 
-// Batch rows per block. Each lane keeps 4 * kBatchTile accumulators; double caps the tile at 4 so
-// that its 8-byte accumulators stay in registers.
+// Batch rows per block, at most. Each lane keeps 4 * kBatchTile accumulators beside the unpacked
+// weights; the caps keep them in registers without spills (ptxas, sm_90): double's accumulators
+// take two registers each, and half/bfloat16 unpack 8 weights per 16-byte vector.
 template <typename scalar_t>
-constexpr int kMaxBatchTile = std::is_same_v<scalar_t, double> ? 4 : 16;
+constexpr int kMaxBatchTile = std::is_same_v<scalar_t, double> ? 4 : (sizeof(scalar_t) == 2 ? 8 : 16);
 
-// Weight loads issued before the first of them is consumed: memory-level parallelism for the
-// weight stream, bounded by registers (4 rows x 16 bytes per step).
-template <int kBatchTile>
-constexpr int kUnroll = kBatchTile >= 16 ? 2 : 4;
+// Weight vectors loaded per gate row before the first of them is consumed: memory-level
+// parallelism for the weight stream (steps x 4 rows x 16 bytes in flight per lane), bounded by
+// registers: a 16-byte vector of half/bfloat16 unpacks into 8 floats, and a 16-row tile holds 64
+// accumulators, so those take 2 steps.
+template <typename scalar_t, int kBatchTile>
+constexpr int kUnroll = (kBatchTile >= 16 || sizeof(scalar_t) == 2) ? 2 : 4;
+static_assert(kMaxBatchTile<double> == 4 && kMaxBatchTile<float> == 16, "tiles instantiated: 1, 4, max");
 
 template <typename scalar_t, int kBatchTile>
 constexpr int64_t kChunkElements = kStageBytes / (kBatchTile * static_cast<int64_t>(sizeof(scalar_t)));
@@ -142,7 +146,7 @@ __device__ __forceinline__ void accumulate_chunk(
     int first_vector,
     int vector_stride) {
   using vector_t = Vector<scalar_t, kVec>;
-  constexpr int kSteps = kUnroll<kBatchTile>;
+  constexpr int kSteps = kUnroll<scalar_t, kBatchTile>;
   const scalar_t* gate_rows[4];
 #pragma unroll
   for (int gate = 0; gate < 4; ++gate) {
@@ -443,14 +447,15 @@ void launch_fused_forward_for_batch(
     at::Tensor& hy,
     at::Tensor& cy,
     at::Tensor& gates) {
+  constexpr int kMaxTile = kMaxBatchTile<scalar_t>;
   const int64_t batch = input.size(0);
   if (batch <= 1) {
     launch_fused_forward<scalar_t, 1>(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, hy, cy, gates);
-  } else if (batch <= 4 || kMaxBatchTile<scalar_t> == 4) {
+  } else if (batch <= 4 || kMaxTile == 4) {
     launch_fused_forward<scalar_t, 4>(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, hy, cy, gates);
   } else {
-    if constexpr (kMaxBatchTile<scalar_t> >= 16) {
-      launch_fused_forward<scalar_t, 16>(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, hy, cy, gates);
+    if constexpr (kMaxTile > 4) {
+      launch_fused_forward<scalar_t, kMaxTile>(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, hy, cy, gates);
     }
   }
 }
