@@ -174,6 +174,14 @@ def test_float32_non_contiguous(batch, input_size, hidden_size):
     check_parity(batch, input_size, hidden_size, True, torch.float32, non_contiguous=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,input_size,hidden_size", [(1, 4096, 5), (2, 2048, 8), (4, 1000, 3), (16, 3000, 2)])
+def test_long_input_small_hidden(batch, input_size, hidden_size, dtype):
+    # Few hidden units and a long K: the fused kernel splits each unit's K range over up to 8 warps
+    # of its block and adds their partial sums (the other shapes reach at most 4 warps per unit).
+    check_parity(batch, input_size, hidden_size, True, dtype)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize(
     "batch,input_size,hidden_size",

@@ -52,7 +52,8 @@ constexpr int kForwardWarps = 8;
 constexpr int kForwardThreads = kForwardWarps * kWarpSize;
 
 // Bytes of activations ([batch_tile, chunk] of input or hx) staged in shared memory per K chunk.
-// 32 KiB holds the whole K of a batch-1 step up to 8192 fp32 features (one chunk, two barriers), and
+// 32 KiB holds a whole segment (input or hx) of a batch-1 step up to 8192 fp32 features (one chunk,
+// two barriers per segment), and
 // leaves room for several resident blocks per SM on sm_80..sm_90 (at most 48 KiB of dynamic shared
 // memory per block without an opt-in).
 constexpr int kStageBytes = 32 * 1024;
