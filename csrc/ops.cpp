@@ -39,15 +39,16 @@ void check_floating(const at::Tensor& t, const char* name) {
       t.scalar_type());
 }
 
-// Every tensor of a call must share the input's dtype and device, as nn.LSTMCell requires.
-void check_matches(const at::Tensor& t, const char* name, const at::Tensor& input) {
+// Every tensor of a call must share one dtype and device, as nn.LSTMCell requires; `reference`
+// is the argument the others are compared with (input, gates or cx, depending on the op).
+void check_matches(const at::Tensor& t, const char* name, const at::Tensor& reference, const char* reference_name) {
   TORCH_CHECK(
-      t.scalar_type() == input.scalar_type(),
-      "lstm_fused: ", name, " has dtype ", t.scalar_type(), " but input has dtype ", input.scalar_type(),
-      "; all tensors of an LSTM cell must share one dtype");
+      t.scalar_type() == reference.scalar_type(),
+      "lstm_fused: ", name, " has dtype ", t.scalar_type(), " but ", reference_name, " has dtype ",
+      reference.scalar_type(), "; all tensors of an LSTM cell must share one dtype");
   TORCH_CHECK(
-      t.device() == input.device(),
-      "lstm_fused: ", name, " is on device ", t.device(), " but input is on ", input.device(),
+      t.device() == reference.device(),
+      "lstm_fused: ", name, " is on device ", t.device(), " but ", reference_name, " is on ", reference.device(),
       "; all tensors of an LSTM cell must be on one device");
 }
 
@@ -75,10 +76,10 @@ void check_cell_forward_args(
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh) {
   check_floating(input, "input");
-  check_matches(hx, "hx (h_0)", input);
-  check_matches(cx, "cx (c_0)", input);
-  check_matches(weight_ih, "weight_ih", input);
-  check_matches(weight_hh, "weight_hh", input);
+  check_matches(hx, "hx (h_0)", input, "input");
+  check_matches(cx, "cx (c_0)", input, "input");
+  check_matches(weight_ih, "weight_ih", input, "input");
+  check_matches(weight_hh, "weight_hh", input, "input");
   TORCH_CHECK(
       weight_hh.dim() == 2 && weight_hh.size(0) == 4 * weight_hh.size(1),
       "lstm_fused: weight_hh must have shape [4 * hidden_size, hidden_size], got ", weight_hh.sizes());
@@ -113,7 +114,7 @@ void check_cell_forward_args(
   for (const auto& [bias, name] :
        {std::pair<const std::optional<at::Tensor>&, const char*>{bias_ih, "bias_ih"}, {bias_hh, "bias_hh"}}) {
     if (bias.has_value()) {
-      check_matches(*bias, name, input);
+      check_matches(*bias, name, input, "input");
       check_shape(*bias, name, {4 * hidden_size}, "(4 * hidden_size)");
     }
   }
@@ -131,14 +132,14 @@ void check_cell_pointwise_args(
       "lstm_fused: gates must be 2-D [batch, 4 * hidden_size], got shape ", gates.sizes());
   const int64_t batch = gates.size(0);
   const int64_t hidden_size = gates.size(1) / 4;
-  check_matches(cx, "cx", gates);
+  check_matches(cx, "cx", gates, "gates");
   check_shape(cx, "cx", {batch, hidden_size}, "[batch, hidden_size]");
-  check_matches(hy, "hy", gates);
+  check_matches(hy, "hy", gates, "gates");
   check_shape(hy, "hy", {batch, hidden_size}, "[batch, hidden_size]");
-  check_matches(cy, "cy", gates);
+  check_matches(cy, "cy", gates, "gates");
   check_shape(cy, "cy", {batch, hidden_size}, "[batch, hidden_size]");
   if (bias.has_value()) {
-    check_matches(*bias, "bias", gates);
+    check_matches(*bias, "bias", gates, "gates");
     check_shape(*bias, "bias", {4 * hidden_size}, "(4 * hidden_size)");
   }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{gates, "gates"}, {hy, "hy"}, {cy, "cy"}}) {
@@ -157,20 +158,20 @@ void check_cell_gate_grads_args(
   TORCH_CHECK(cx.dim() == 2, "lstm_fused: cx must be 2-D [batch, hidden_size], got shape ", cx.sizes());
   const int64_t batch = cx.size(0);
   const int64_t hidden_size = cx.size(1);
-  check_matches(cy, "cy", cx);
+  check_matches(cy, "cy", cx, "cx");
   check_shape(cy, "cy", cx.sizes(), "(the shape of cx)");
-  check_matches(gates, "gates", cx);
+  check_matches(gates, "gates", cx, "cx");
   check_shape(gates, "gates", {batch, 4 * hidden_size}, "[batch, 4 * hidden_size]");
   if (grad_hy.has_value()) {
-    check_matches(*grad_hy, "grad_hy", cx);
+    check_matches(*grad_hy, "grad_hy", cx, "cx");
     check_shape(*grad_hy, "grad_hy", cx.sizes(), "(the shape of cx)");
   }
   if (grad_cy.has_value()) {
-    check_matches(*grad_cy, "grad_cy", cx);
+    check_matches(*grad_cy, "grad_cy", cx, "cx");
     check_shape(*grad_cy, "grad_cy", cx.sizes(), "(the shape of cx)");
   }
   if (grad_gates.has_value()) {
-    check_matches(*grad_gates, "grad_gates", cx);
+    check_matches(*grad_gates, "grad_gates", cx, "cx");
     check_shape(*grad_gates, "grad_gates", {batch, 4 * hidden_size}, "[batch, 4 * hidden_size]");
   }
 }
@@ -193,6 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     std::array<bool, 6> output_mask) {
+  // The products below would accept some inconsistent shapes silently (a transposed weight of the
+  // right size); the forward's checks cover input, hx, cx and the weights. cell_gate_grads checks
+  // the rest.
+  check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
   // Autocast must not recast the products of an op whose dtype was fixed by its caller.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   static auto gate_grads_op = c10::Dispatcher::singleton()

@@ -32,9 +32,11 @@ def prepare_cell_args(input: Tensor, hx, hidden_size: int, name: str = "LSTMCell
     if hx is None:
         zeros = input.new_zeros(input.shape[0], hidden_size)
         return input, zeros, zeros, batched
-    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
-        got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"{type(hx).__name__} of {len(hx)} items"
-        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two Tensors, got {got}")
+    if not isinstance(hx, (tuple, list)) or not all(isinstance(t, Tensor) for t in hx):
+        raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two Tensors, got {type(hx).__name__}")
+    if len(hx) != 2:
+        # RuntimeError, as nn.LSTMCell raises for a sequence of the wrong length.
+        raise RuntimeError(f"{name}: hx must hold two states (h_0, c_0), got {len(hx)}")
     for index, state in enumerate(hx):
         if state.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected hx[{index}] to be 1D or 2D, got {state.dim()}D instead")
@@ -50,12 +52,22 @@ def prepare_cell_args(input: Tensor, hx, hidden_size: int, name: str = "LSTMCell
 
 
 def _autocast_to(tensors, device_type):
-    # nn.LSTMCell runs in the autocast dtype on CUDA (lstm_cell is on autocast's lower-precision
-    # list there) and in the input dtype on the CPU (it is not on the CPU's list): do the same.
-    if device_type != "cuda" or not torch.is_autocast_enabled(device_type):
+    """The dtype nn.LSTMCell would compute in under autocast.
+
+    CUDA: lstm_cell is on autocast's lower-precision list, so everything but float64 is cast to the
+    autocast dtype. CPU: it is not; nn.LSTMCell's products then run in the autocast dtype and its
+    pointwise ops promote, so the outputs come out in promote(autocast dtype, c_0's dtype). Where
+    the tensors already share a dtype that is what they keep (nn gives the same output dtype); where
+    they are mixed (a cell fed by an autocast Linear) they are cast to that promoted dtype."""
+    if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
+    if device_type == "cuda":
+        return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
+    if len({t.dtype for t in tensors if t is not None}) == 1:
+        return tensors
+    dtype = torch.promote_types(dtype, tensors[2].dtype)
+    return [t.to(dtype) if t is not None else t for t in tensors]
 
 
 def lstm_cell(
