@@ -1,7 +1,9 @@
-"""lstm_cell: the functional form of the fused cell, mirroring torch.lstm_cell."""
-from typing import NamedTuple, Optional, Tuple
+"""Functional forms: lstm_cell (one fused step, as torch.lstm_cell) and lstm_layers (nn.LSTM's
+layer stack over a packed sequence)."""
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import ops
@@ -49,10 +51,11 @@ def prepare_cell_args(input: Tensor, hx, hidden_size: int, name: str = "LSTMCell
     return input, h_0, c_0, batched
 
 
-def _autocast_to(tensors, device_type):
+def _autocast_to(tensors, device_type, autocast_devices=("cuda",)):
     # nn.LSTMCell runs in the autocast dtype on CUDA (lstm_cell is on autocast's lower-precision
-    # list there) and in the input dtype on the CPU (it is not on the CPU's list): do the same.
-    if device_type != "cuda" or not torch.is_autocast_enabled(device_type):
+    # list there) and in the input dtype on the CPU (it is not on the CPU's list); nn.LSTM runs in
+    # it on both (lstm is on both lists). Callers name the devices, to do the same.
+    if device_type not in autocast_devices or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
@@ -81,3 +84,58 @@ def lstm_cell(
     if not return_gates:
         return h_1, c_1
     return h_1, c_1, LSTMGates(*gates.chunk(4, dim=-1))
+
+
+def lstm_layers(
+    data: Tensor,
+    batch_sizes: Tensor,
+    h_0: Tensor,
+    c_0: Tensor,
+    weights: Sequence[Sequence[Tensor]],
+    *,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+):
+    """nn.LSTM's stack of layers over a sequence in PackedSequence layout, one op call per layer
+    and direction.
+
+    data is [sum(batch_sizes), input_size] (a padded [T, B, I] input is data = input.view(T * B, I)
+    with T batch sizes B); batch_sizes the int64 CPU tensor of rows per step, non-increasing;
+    h_0, c_0 are [num_layers * num_directions, batch_sizes[0], hidden_size]; weights[layer *
+    num_directions + direction] is [weight_ih, weight_hh] or [weight_ih, weight_hh, bias_ih,
+    bias_hh], as nn.LSTM.all_weights. Dropout, when training, applies to every layer's output but
+    the last, as nn.LSTM does.
+
+    Returns ``(output, h_n, c_n, states)``: output [rows, num_directions * hidden_size], and for
+    each layer and direction (same index as weights) a pair (cell_states [rows, hidden_size],
+    gates [rows, 4 * hidden_size] activated, i f g o)."""
+    num_directions = 2 if bidirectional else 1
+    num_layers = len(weights) // num_directions
+    device_type = data.device.type
+    layer_input = data
+    h_n, c_n, states = [], [], []
+    for layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(num_directions):
+            index = layer * num_directions + direction
+            weight_ih, weight_hh, *biases = weights[index]
+            bias_ih, bias_hh = biases if biases else (None, None)
+            args = _autocast_to(
+                [layer_input, h_0[index], c_0[index], weight_ih, weight_hh, bias_ih, bias_hh],
+                device_type,
+                autocast_devices=("cuda", "cpu"),
+            )
+            x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
+            output, h_last, c_last, cell_states, gates = ops.sequence_forward(
+                x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1
+            )
+            direction_outputs.append(output)
+            h_n.append(h_last)
+            c_n.append(c_last)
+            states.append((cell_states, gates))
+        layer_output = direction_outputs[0] if num_directions == 1 else torch.cat(direction_outputs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_output = F.dropout(layer_output, dropout, training=True)
+        layer_input = layer_output
+    return layer_input, torch.stack(h_n), torch.stack(c_n), states
