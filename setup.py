@@ -56,7 +56,7 @@ def write_build_info(with_cuda):
 def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/sequence.cpp", "csrc/cpu/lstm_cell.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/sequence.cpp", "csrc/matmul.cpp", "csrc/cpu/lstm_cell.cpp"]
     # -fopenmp: without it at::parallel_for compiles to a serial loop. -g0 keeps the .so small.
     # -fno-trapping-math: lets GCC vectorise the float->int step of the CPU exp (we never enable
     # floating-point traps); NaN and Inf semantics are unchanged.

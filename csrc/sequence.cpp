@@ -1,9 +1,9 @@
 // One LSTM layer, one direction, over a whole sequence: the forward loop and backpropagation
 // through time, in C++ so that no Python runs per step.
 //
-// Built only from dispatcher calls (ATen's matrix products, the cell's cell_pointwise_ and
-// cell_gate_grads), registered as CompositeExplicitAutograd: the same loop drives the CPU kernels
-// and the CUDA ones. Its autograd is csrc/autograd.cpp's SequenceFunction.
+// Built only from dispatcher calls (matrix products through matmul.h, the cell's cell_pointwise_
+// and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop drives the CPU
+// kernels and the CUDA ones. Its autograd is csrc/autograd.cpp's SequenceFunction.
 //
 // Layout: PackedSequence's. Every step's rows are stacked in one [sum(batch_sizes), ...] tensor,
 // sequences sorted longest first, so step t holds sequences [0, batch_sizes[t]) and each step's rows
@@ -12,6 +12,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "matmul.h"
 #include "ops.h"
 
 namespace lstm_fused {
@@ -143,23 +144,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
 
   // The input's share of every step's gates in one product, the only part that does not wait on
   // the recurrence. bias_ih rides on it; bias_hh is added by the pointwise pass.
-  at::Tensor gates = new_output({total_rows, 4 * hidden_size}, options);
-  if (bias_ih.has_value()) {
-    at::addmm_out(gates, *bias_ih, input, weight_ih.t());
-  } else {
-    at::mm_out(gates, input, weight_ih.t());
-  }
+  at::Tensor gates = linear_product(input, weight_ih, bias_ih);
   at::Tensor output = new_output({total_rows, hidden_size}, options);
   at::Tensor cell_states = new_output({total_rows, hidden_size}, options);
   at::Tensor hy = new_output({batch, hidden_size}, options);
   at::Tensor cy = new_output({batch, hidden_size}, options);
 
-  const at::Tensor weight_hh_t = weight_hh.t();
+  const at::Tensor recurrent_weight = prepare_repeated_weight(weight_hh, batch, static_cast<int64_t>(sizes.size()));
   for (const Step& step : visiting_order(sizes, reverse)) {
     at::Tensor step_gates = gates.narrow(0, step.offset, step.batch);
     at::Tensor step_hidden = output.narrow(0, step.offset, step.batch);
     at::Tensor step_cell = cell_states.narrow(0, step.offset, step.batch);
-    step_gates.addmm_(previous_rows(output, hx, step), weight_hh_t);
+    linear_product_into(step_gates, previous_rows(output, hx, step), recurrent_weight, /*accumulate=*/true);
     dispatch_cell_pointwise_(step_gates, previous_rows(cell_states, cx, step), bias_hh, step_hidden, step_cell);
     const int64_t ending_rows = step.batch - step.ending;
     if (ending_rows > 0) {
@@ -221,6 +217,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool keep_gate_grads = output_mask[0] || output_mask[3] || output_mask[4] || output_mask[5];
   at::Tensor grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
 
+  // h_prev's gradient is G @ weight_hh: linear's weight^T is weight_hh.t(), a strided view.
+  const at::Tensor weight_hh_t = weight_hh.t();
   const std::vector<Step> steps = visiting_order(sizes, reverse);
   for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
     const Step& step = *step_it;
@@ -252,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       grad_preactivations.narrow(0, step.offset, step.batch).copy_(grad_preactivation);
     }
     // Now the gradient of the states this step started from: what the previous visited step gets.
-    at::mm_out(step_grad_hidden, grad_preactivation, weight_hh);
+    linear_product_into(step_grad_hidden, grad_preactivation, weight_hh_t, /*accumulate=*/false);
     step_grad_cell.copy_(grad_cell_prev);
     const int64_t starting_rows = step.batch - step.carried;
     if (starting_rows > 0) {
@@ -263,12 +261,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // The products over all steps at once: one large GEMM each instead of T small ones.
   const auto empty = [&] { return at::empty({0}, options); };
+  std::vector<at::Tensor> weight_grad_operands;
+  if (output_mask[3]) {
+    weight_grad_operands.push_back(input);
+  }
+  if (output_mask[4]) {
+    weight_grad_operands.push_back(previous_hidden_states(output, hx, steps, reverse));
+  }
+  const std::vector<at::Tensor> weight_grads =
+      weight_grad_operands.empty() ? std::vector<at::Tensor>() : transposed_products(grad_preactivations, weight_grad_operands);
   return {
-      output_mask[0] ? at::mm(grad_preactivations, weight_ih) : empty(),
+      output_mask[0] ? linear_product(grad_preactivations, weight_ih.t(), std::nullopt) : empty(),
       output_mask[1] ? grad_hx : empty(),
       output_mask[2] ? grad_cx : empty(),
-      output_mask[3] ? at::mm(grad_preactivations.t(), input) : empty(),
-      output_mask[4] ? at::mm(grad_preactivations.t(), previous_hidden_states(output, hx, steps, reverse)) : empty(),
+      output_mask[3] ? weight_grads.front() : empty(),
+      output_mask[4] ? weight_grads.back() : empty(),
       output_mask[5] ? grad_preactivations.sum(0) : empty(),
   };
 }

@@ -27,10 +27,10 @@ def poison_outputs():
     torch.ops.lstm_fused._set_poison_outputs(previous)
 
 
-def twin_lstms(dtype=torch.float64, **config):
+def twin_lstms(dtype=torch.float64, input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE, **config):
     """An nn.LSTM and an lf.LSTM with the same weights."""
-    torch_lstm = nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=dtype, **config)
-    fused_lstm = lf.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=dtype, **config)
+    torch_lstm = nn.LSTM(input_size, hidden_size, dtype=dtype, **config)
+    fused_lstm = lf.LSTM(input_size, hidden_size, dtype=dtype, **config)
     fused_lstm.load_state_dict(torch_lstm.state_dict())
     return torch_lstm, fused_lstm
 
@@ -45,8 +45,8 @@ def random_case(lstm, layout, with_hx, num_steps=None, dtype=torch.float64, seed
     def leaf(*shape):
         return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
 
-    x = leaf(num_steps, batch, INPUT_SIZE)
-    hx = (leaf(states, batch, HIDDEN_SIZE), leaf(states, batch, HIDDEN_SIZE)) if with_hx else None
+    x = leaf(num_steps, batch, lstm.input_size)
+    hx = (leaf(states, batch, lstm.hidden_size), leaf(states, batch, lstm.hidden_size)) if with_hx else None
     return x, hx
 
 
@@ -95,12 +95,14 @@ def assert_all_close(actual, expected, atol, rtol=0.0):
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m: f"item {index}: {m}")
 
 
-def assert_matches_nn_lstm(config, layout, with_hx, atol=1e-10, rtol=0.0, dtype=torch.float64, **case):
+def assert_matches_nn_lstm(
+    config, layout, with_hx, atol=1e-10, rtol=0.0, dtype=torch.float64, lengths=None, sizes=(), **case
+):
     batch_first = layout == "batch_first"
-    torch_lstm, fused_lstm = twin_lstms(dtype=dtype, batch_first=batch_first, **config)
+    torch_lstm, fused_lstm = twin_lstms(dtype, *sizes, batch_first=batch_first, **config)
     x, hx = random_case(torch_lstm, layout, with_hx, dtype=dtype, **case)
-    expected_outputs, expected_grads = outputs_and_gradients(torch_lstm, x, hx, layout)
-    actual_outputs, actual_grads = outputs_and_gradients(fused_lstm, x, hx, layout)
+    expected_outputs, expected_grads = outputs_and_gradients(torch_lstm, x, hx, layout, lengths)
+    actual_outputs, actual_grads = outputs_and_gradients(fused_lstm, x, hx, layout, lengths)
     assert_all_close(actual_outputs, expected_outputs, atol, rtol)
     assert_all_close(actual_grads, expected_grads, atol, rtol)
 
@@ -135,11 +137,18 @@ def test_single_step_packed():
     assert_all_close(actual[0] + actual[1], expected[0] + expected[1], atol=1e-10)
 
 
-def test_float32_matches_nn_lstm():
-    assert_matches_nn_lstm(
-        dict(num_layers=2, bidirectional=True), "packed_unsorted", with_hx=True, atol=1e-5, rtol=1e-5,
-        dtype=torch.float32,
-    )
+# float32 on the CPU sends products of a million multiply-adds or more to oneDNN (csrc/matmul.h),
+# smaller ones and float64 to ATen's BLAS. hidden 256 over 4 rows crosses that line at every step;
+# 12 steps make the recurrent weight worth reordering once. Both routes are tested.
+@pytest.mark.parametrize("layout", ["padded", "packed_unsorted", "unbatched"])
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags() itself
+def test_float32_matches_nn_lstm(layout, onednn):
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        assert_matches_nn_lstm(
+            dict(num_layers=2, bidirectional=True), layout, with_hx=True, atol=1e-5, rtol=1e-5,
+            dtype=torch.float32, num_steps=12, lengths=[9, 12, 2, 9], sizes=(64, 256),
+        )
 
 
 def test_non_contiguous_states():
