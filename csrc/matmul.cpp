@@ -10,8 +10,9 @@
 namespace lstm_fused {
 namespace {
 
-// A reorder pays off after about five products (143 us against 15 us saved per [8,256]x[256,1024]).
-constexpr int64_t kUsesWorthReordering = 8;
+// One thread: a reorder pays for itself after 5 products at [8,512]x[512,2048], 10 at
+// [8,256]x[256,1024] (145 us against 15 us saved each), 25 at [16,128]x[128,512].
+constexpr int64_t kUsesWorthReordering = 32;
 // One thread: [8,128]x[128,512] (0.5M) takes 14.5 us with MKL, 18 with oneDNN; at 1M they tie,
 // [8,256]x[256,1024] (2M) takes 59 against 47 (33 with a reordered weight).
 constexpr int64_t kMultiplyAddsWorthOnednn = int64_t{1} << 20;

@@ -25,8 +25,8 @@ void linear_product_into(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::vector<at::Tensor>& rights);
 
 // weight as linear_product_into should hold it when it multiplies `uses` batches of at most `batch`
-// rows: on the oneDNN path, reordered once into oneDNN's blocked layout (the reorder costs about five
-// of a step's products and saves a third of each, at any row count); otherwise weight itself.
+// rows: on the oneDNN path and for enough uses, reordered once into oneDNN's blocked layout (a
+// reorder costs 5 to 25 products and saves up to a third of each, at any row count); otherwise weight.
 at::Tensor prepare_repeated_weight(const at::Tensor& weight, int64_t batch, int64_t uses);
 
 }  // namespace lstm_fused
