@@ -121,12 +121,11 @@ def lstm_layers(
             index = layer * num_directions + direction
             weight_ih, weight_hh, *biases = weights[index]
             bias_ih, bias_hh = biases if biases else (None, None)
-            args = _autocast_to(
+            x, hx, cx, w_ih, w_hh, b_ih, b_hh = _autocast_to(
                 [layer_input, h_0[index], c_0[index], weight_ih, weight_hh, bias_ih, bias_hh],
                 device_type,
                 autocast_devices=("cuda", "cpu"),
             )
-            x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
             output, h_last, c_last, cell_states, gates = ops.sequence_forward(
                 x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1
             )
