@@ -56,7 +56,14 @@ def write_build_info(with_cuda):
 def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/cpu/lstm_cell.cpp", "csrc/cpu/cell_units_avx2.cpp"]
+    sources = [
+        "csrc/ops.cpp",
+        "csrc/autograd.cpp",
+        "csrc/sequence.cpp",
+        "csrc/matmul.cpp",
+        "csrc/cpu/lstm_cell.cpp",
+        "csrc/cpu/cell_units_avx2.cpp",
+    ]
     # -fopenmp: without it at::parallel_for compiles to a serial loop. -g0 keeps the .so small.
     cxx_flags = ["-O3", "-g0", "-fopenmp"]
     link_flags = ["-fopenmp"]

@@ -1,5 +1,8 @@
-// Autograd for cell_forward, in C++: a training step crosses no Python between the forward op and
-// its hand-written backward (at batch 1 that Python was over half of nn.LSTMCell's whole step).
+// Autograd for cell_forward and sequence_forward, in C++: a training step crosses no Python between
+// the forward op and its hand-written backward (at batch 1 that Python was over half of
+// nn.LSTMCell's whole step).
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -20,12 +23,30 @@ using CellForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&);
 
+// Which of a Function's tensor arguments (undefined where an optional one was absent) want a
+// gradient. needs_input_grad counts only the tensors that were passed, so an absent bias shifts the
+// rest.
+template <size_t N>
+std::array<bool, N> inputs_needing_grad(AutogradContext* ctx, const variable_list& inputs) {
+  std::array<bool, N> needs{};
+  size_t edge = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (inputs[i].defined()) {
+      needs[i] = ctx->needs_input_grad(edge++);
+    }
+  }
+  return needs;
+}
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // The step rebuilt from differentiable ATen ops. Used only under create_graph=True (double
 // backward), where the fused kernels, which autograd cannot see into, will not do.
 variable_list composite_cell(const variable_list& in) {
   const auto& [input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh] =
       std::tie(in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
-  const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
   const auto preactivation = at::linear(input, weight_ih, optional(bias_ih)) + at::linear(hx, weight_hh, optional(bias_hh));
   const auto chunks = preactivation.chunk(4, 1);
   const auto input_gate = chunks[0].sigmoid();
@@ -64,20 +85,12 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     const at::Tensor& cy = saved[7];
     const at::Tensor& gates = saved[8];
 
-    // needs_input_grad counts only the tensors that were passed, so an absent bias shifts the rest.
-    std::array<bool, 7> needs{};
-    size_t edge = 0;
-    for (size_t i = 0; i < needs.size(); ++i) {
-      if (inputs[i].defined()) {
-        needs[i] = ctx->needs_input_grad(edge++);
-      }
-    }
+    const auto needs = inputs_needing_grad<7>(ctx, inputs);
 
     if (at::GradMode::is_enabled()) {
       return differentiable_backward(inputs, grad_outputs, needs);
     }
 
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("lstm_fused::cell_backward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -161,10 +174,194 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_autograd(
   return {outputs[0], outputs[1], outputs[2]};
 }
 
+using SequenceForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&,
+    bool);
+
+using SequenceGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+using SequenceBackwardFn = SequenceGrads(
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    bool,
+    std::array<bool, 6>);
+
+// sequence_forward's autograd: backpropagation through time by the sequence_backward op. Saves
+// only what that needs: the arguments, output, cell_states and the activated gates.
+class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& batch_sizes,
+      const at::Tensor& hx,
+      const at::Tensor& cx,
+      const at::Tensor& weight_ih,
+      const at::Tensor& weight_hh,
+      const std::optional<at::Tensor>& bias_ih,
+      const std::optional<at::Tensor>& bias_hh,
+      bool reverse) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::sequence_forward", "").typed<SequenceForwardFn>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, hy, cy, cell_states, gates] =
+        op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward(
+        {input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()),
+         bias_hh.value_or(at::Tensor()), output, cell_states, gates});
+    ctx->saved_data["reverse"] = reverse;
+    return {output, hy, cy, cell_states, gates};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const variable_list inputs(saved.begin(), saved.begin() + 8);
+    const auto& [input, batch_sizes, hx, cx, weight_ih, weight_hh] =
+        std::tie(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5]);
+    const auto& [output, cell_states, gates] = std::tie(saved[8], saved[9], saved[10]);
+    const auto needs = inputs_needing_grad<8>(ctx, inputs);
+    variable_list result(9);  // one per forward argument, reverse included
+    if (std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) { return g.defined(); })) {
+      return result;
+    }
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::sequence_backward", "").typed<SequenceBackwardFn>();
+    const std::array<bool, 6> output_mask{needs[0], needs[2], needs[3], needs[4], needs[5], needs[6] || needs[7]};
+    // Called above autograd: under create_graph=True its own Function (below) records the call,
+    // so that a second differentiation fails with a clear message instead of a silent zero.
+    const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
+        optional(grad_outputs[0]),
+        optional(grad_outputs[1]),
+        optional(grad_outputs[2]),
+        optional(grad_outputs[3]),
+        optional(grad_outputs[4]),
+        input,
+        batch_sizes,
+        hx,
+        cx,
+        weight_ih,
+        weight_hh,
+        output,
+        cell_states,
+        gates,
+        ctx->saved_data["reverse"].toBool(),
+        output_mask);
+    // batch_sizes (index 1) and reverse (index 8) have no gradient.
+    const variable_list grads{grad_input, at::Tensor(), grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias};
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (needs[i]) {
+        result[i] = grads[i];
+      }
+    }
+    return result;
+  }
+};
+
+// sequence_backward's own autograd: none. Double backward through the sequence would need the
+// second derivatives of the whole recurrence; it is refused where it is asked for.
+class SequenceBackwardFunction : public torch::autograd::Function<SequenceBackwardFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const std::optional<at::Tensor>& grad_output,
+      const std::optional<at::Tensor>& grad_hy,
+      const std::optional<at::Tensor>& grad_cy,
+      const std::optional<at::Tensor>& grad_cell_states,
+      const std::optional<at::Tensor>& grad_gates,
+      const at::Tensor& input,
+      const at::Tensor& batch_sizes,
+      const at::Tensor& hx,
+      const at::Tensor& cx,
+      const at::Tensor& weight_ih,
+      const at::Tensor& weight_hh,
+      const at::Tensor& output,
+      const at::Tensor& cell_states,
+      const at::Tensor& gates,
+      bool reverse,
+      std::array<bool, 6> output_mask) {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::sequence_backward", "").typed<SequenceBackwardFn>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
+        grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
+        output, cell_states, gates, reverse, output_mask);
+    return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(
+        false,
+        "double backward through lstm_fused.LSTM is not supported: its gradients were computed by a fused "
+        "backward that autograd cannot differentiate (create_graph=True, torch.autograd.gradgradcheck, "
+        "gradient penalties). lstm_fused.LSTMCell does support it.");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward_autograd(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse) {
+  const auto outputs =
+      SequenceFunction::apply(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
+  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
+}
+
+SequenceGrads sequence_backward_autograd(
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_cell_states,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const at::Tensor& output,
+    const at::Tensor& cell_states,
+    const at::Tensor& gates,
+    bool reverse,
+    std::array<bool, 6> output_mask) {
+  const auto grads = SequenceBackwardFunction::apply(
+      grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
+      output, cell_states, gates, reverse, output_mask);
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
   m.impl("cell_forward", &cell_forward_autograd);
+  m.impl("sequence_forward", &sequence_forward_autograd);
+  m.impl("sequence_backward", &sequence_backward_autograd);
 }
 
 }  // namespace lstm_fused

@@ -67,17 +67,18 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty(sizes, options);
 }
 
-void check_cell_forward_args(
+namespace {
+
+// The weights and biases against the input, shared by the cell and the sequence. input_layout
+// names input's expected 2-D shape in the caller's terms. Returns hidden_size.
+int64_t check_weights_args(
     const at::Tensor& input,
-    const at::Tensor& hx,
-    const at::Tensor& cx,
+    const char* input_layout,
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh) {
   check_floating(input, "input");
-  check_matches(hx, "hx (h_0)", input, "input");
-  check_matches(cx, "cx (c_0)", input, "input");
   check_matches(weight_ih, "weight_ih", input, "input");
   check_matches(weight_hh, "weight_hh", input, "input");
   TORCH_CHECK(
@@ -91,26 +92,11 @@ void check_cell_forward_args(
   const int64_t input_size = weight_ih.size(1);
   TORCH_CHECK(
       input.dim() == 2,
-      "lstm_fused: input must be 2-D [batch, input_size], got ", input.dim(), "-D shape ", input.sizes());
+      "lstm_fused: input must be 2-D ", input_layout, ", got ", input.dim(), "-D shape ", input.sizes());
   TORCH_CHECK(
       input.size(1) == input_size,
       "lstm_fused: input has inconsistent input_size: got ", input.size(1), ", expected ", input_size,
       " (input shape ", input.sizes(), ", weight_ih shape ", weight_ih.sizes(), ")");
-  const int64_t batch = input.size(0);
-  for (const auto& [state, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx (h_0)"}, {cx, "cx (c_0)"}}) {
-    TORCH_CHECK(
-        state.dim() == 2,
-        "lstm_fused: ", name, " must be 2-D [batch, hidden_size] = [", batch, ", ", hidden_size, "], got ",
-        state.dim(), "-D shape ", state.sizes());
-    TORCH_CHECK(
-        state.size(0) == batch,
-        "lstm_fused: input batch size ", batch, " doesn't match ", name, " batch size ", state.size(0),
-        " (", name, " shape ", state.sizes(), ")");
-    TORCH_CHECK(
-        state.size(1) == hidden_size,
-        "lstm_fused: ", name, " has inconsistent hidden_size: got ", state.size(1), ", expected ", hidden_size,
-        " (", name, " shape ", state.sizes(), ")");
-  }
   for (const auto& [bias, name] :
        {std::pair<const std::optional<at::Tensor>&, const char*>{bias_ih, "bias_ih"}, {bias_hh, "bias_hh"}}) {
     if (bias.has_value()) {
@@ -118,6 +104,85 @@ void check_cell_forward_args(
       check_shape(*bias, name, {4 * hidden_size}, "(4 * hidden_size)");
     }
   }
+  return hidden_size;
+}
+
+// h_0 and c_0: [batch, hidden_size], batch as the caller derived it (batch_origin says from what).
+void check_initial_states(
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& input,
+    int64_t batch,
+    const char* batch_origin,
+    int64_t hidden_size) {
+  for (const auto& [state, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx (h_0)"}, {cx, "cx (c_0)"}}) {
+    check_matches(state, name, input, "input");
+    TORCH_CHECK(
+        state.dim() == 2,
+        "lstm_fused: ", name, " must be 2-D [batch, hidden_size] = [", batch, ", ", hidden_size, "], got ",
+        state.dim(), "-D shape ", state.sizes());
+    TORCH_CHECK(
+        state.size(0) == batch,
+        "lstm_fused: ", batch_origin, " ", batch, " doesn't match ", name, " batch size ", state.size(0),
+        " (", name, " shape ", state.sizes(), ")");
+    TORCH_CHECK(
+        state.size(1) == hidden_size,
+        "lstm_fused: ", name, " has inconsistent hidden_size: got ", state.size(1), ", expected ", hidden_size,
+        " (", name, " shape ", state.sizes(), ")");
+  }
+}
+
+}  // namespace
+
+void check_cell_forward_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh) {
+  const int64_t hidden_size =
+      check_weights_args(input, "[batch, input_size]", weight_ih, weight_hh, bias_ih, bias_hh);
+  check_initial_states(hx, cx, input, input.size(0), "input batch size", hidden_size);
+}
+
+std::vector<int64_t> check_sequence_forward_args(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh) {
+  const int64_t hidden_size = check_weights_args(
+      input, "[sum(batch_sizes), input_size] (every step's rows, stacked as in PackedSequence.data)", weight_ih,
+      weight_hh, bias_ih, bias_hh);
+  // The loop reads the batch sizes on the host to slice its step rows, as PackedSequence keeps them.
+  TORCH_CHECK(
+      batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu(),
+      "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor (as PackedSequence.batch_sizes), got a ",
+      batch_sizes.dim(), "-D ", batch_sizes.scalar_type(), " tensor on ", batch_sizes.device());
+  TORCH_CHECK(batch_sizes.numel() > 0, "lstm_fused: batch_sizes is empty; a sequence needs at least one step");
+  const at::Tensor sizes_contiguous = batch_sizes.contiguous();
+  const int64_t* sizes_data = sizes_contiguous.const_data_ptr<int64_t>();
+  std::vector<int64_t> sizes(sizes_data, sizes_data + sizes_contiguous.numel());
+  int64_t total_rows = 0;
+  for (size_t step = 0; step < sizes.size(); ++step) {
+    // Sequences sorted longest first make each step's rows a prefix of the previous step's.
+    TORCH_CHECK(
+        sizes[step] >= 0 && (step == 0 || sizes[step] <= sizes[step - 1]),
+        "lstm_fused: batch_sizes must be non-negative and non-increasing (sequences sorted by decreasing "
+        "length, as pack_padded_sequence makes them), got ", at::IntArrayRef(sizes));
+    total_rows += sizes[step];
+  }
+  TORCH_CHECK(
+      input.size(0) == total_rows,
+      "lstm_fused: input has ", input.size(0), " rows but batch_sizes sum to ", total_rows,
+      "; input must hold every step's rows (input shape ", input.sizes(), ")");
+  check_initial_states(hx, cx, input, sizes[0], "batch size (batch_sizes[0])", hidden_size);
+  return sizes;
 }
 
 void check_cell_pointwise_args(
@@ -176,6 +241,36 @@ void check_cell_gate_grads_args(
   }
 }
 
+void dispatch_cell_pointwise_(
+    at::Tensor& gates,
+    const at::Tensor& cx,
+    const std::optional<at::Tensor>& bias,
+    at::Tensor& hy,
+    at::Tensor& cy) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lstm_fused::cell_pointwise_", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, at::Tensor&)>();
+  op.call(gates, cx, bias, hy, cy);
+}
+
+std::tuple<at::Tensor, at::Tensor> dispatch_cell_gate_grads(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lstm_fused::cell_gate_grads", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&,
+                           const at::Tensor&,
+                           const at::Tensor&,
+                           const at::Tensor&)>();
+  return op.call(grad_hy, grad_cy, grad_gates, cx, cy, gates);
+}
 
 namespace {
 
@@ -200,16 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
   // Autocast must not recast the products of an op whose dtype was fixed by its caller.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  static auto gate_grads_op = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("lstm_fused::cell_gate_grads", "")
-                                  .typed<std::tuple<at::Tensor, at::Tensor>(
-                                      const std::optional<at::Tensor>&,
-                                      const std::optional<at::Tensor>&,
-                                      const std::optional<at::Tensor>&,
-                                      const at::Tensor&,
-                                      const at::Tensor&,
-                                      const at::Tensor&)>();
-  auto [grad_preactivation, grad_cx] = gate_grads_op.call(grad_hy, grad_cy, grad_gates, cx, cy, gates);
+  auto [grad_preactivation, grad_cx] = dispatch_cell_gate_grads(grad_hy, grad_cy, grad_gates, cx, cy, gates);
   const auto empty = [&] { return at::empty({0}, input.options()); };
   return {
       output_mask[0] ? at::mm(grad_preactivation, weight_ih) : empty(),
@@ -241,6 +327,22 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def(
       "cell_backward(Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_gates, Tensor input, Tensor hx, "
       "Tensor cx, Tensor cy, Tensor gates, Tensor weight_ih, Tensor weight_hh, bool[6] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias)");
+  // One layer in one direction over a whole sequence, in PackedSequence layout: input [sum(batch_sizes),
+  // input_size] holds every step's rows (a padded [T, B, I] batch viewed as [T * B, I], every batch
+  // size B). reverse runs each sequence from its last step to its first, as nn.LSTM's backward
+  // direction. output, cell_states and gates (activated, i f g o) have one row per input row;
+  // hy, cy are each sequence's state after its last step.
+  m.def(
+      "sequence_forward(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse) -> "
+      "(Tensor output, Tensor hy, Tensor cy, Tensor cell_states, Tensor gates)");
+  // Backpropagation through time for sequence_forward; output_mask as cell_backward's.
+  m.def(
+      "sequence_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_cell_states, "
+      "Tensor? grad_gates, Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse, bool[6] output_mask) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias)");
   // Test hook: NaN-fill every kernel output before it is written. Returns the previous setting.

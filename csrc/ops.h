@@ -4,6 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <tuple>
+#include <vector>
+
 namespace lstm_fused {
 
 // Allocates a kernel output. When the test hook `_set_poison_outputs(True)` is on, the memory is
@@ -14,6 +17,18 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 // what was expected and what was given.
 void check_cell_forward_args(
     const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh);
+
+// sequence_forward's arguments: those of the cell, plus batch_sizes (1-D int64 on the CPU,
+// non-increasing, summing to input's rows) and states of batch_sizes[0] rows. Returns the batch sizes.
+std::vector<int64_t> check_sequence_forward_args(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
     const at::Tensor& hx,
     const at::Tensor& cx,
     const at::Tensor& weight_ih,
@@ -38,5 +53,21 @@ void check_cell_gate_grads_args(
     const at::Tensor& cy,
     const at::Tensor& gates);
 
+// The device ops, called through the dispatcher: code built on them (the cell's backward, the
+// sequence loop) runs on whichever device holds the tensors, CPU or CUDA.
+void dispatch_cell_pointwise_(
+    at::Tensor& gates,
+    const at::Tensor& cx,
+    const std::optional<at::Tensor>& bias,
+    at::Tensor& hy,
+    at::Tensor& cy);
+
+std::tuple<at::Tensor, at::Tensor> dispatch_cell_gate_grads(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates);
 
 }  // namespace lstm_fused

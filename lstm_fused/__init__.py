@@ -1,10 +1,11 @@
-"""lstm_fused: a fused LSTM cell for PyTorch, a drop-in for torch.nn.LSTMCell."""
+"""lstm_fused: a fused LSTM cell for PyTorch, drop-ins for torch.nn.LSTMCell and torch.nn.LSTM."""
 from . import reference
 from ._ops import BUILD_INFO
 from .functional import LSTMGates, lstm_cell
-from .modules import LSTMCell
+from .convert import convert
+from .modules import LSTM, LSTMCell, LSTMLayerStates
 
 __version__ = "0.1.0"
 WITH_CUDA = BUILD_INFO.WITH_CUDA
 
-__all__ = ["LSTMCell", "LSTMGates", "lstm_cell", "reference", "WITH_CUDA"]
+__all__ = ["LSTM", "LSTMCell", "LSTMGates", "LSTMLayerStates", "convert", "lstm_cell", "reference", "WITH_CUDA"]

@@ -54,3 +54,25 @@ def _cell_pointwise_fake(gates, cx, bias, hy, cy):
 @torch.library.register_fake("lstm_fused::cell_gate_grads")
 def _cell_gate_grads_fake(grad_hy, grad_cy, grad_gates, cx, cy, gates):
     return torch.empty_like(gates), torch.empty_like(cx)
+
+
+@torch.library.register_fake("lstm_fused::sequence_forward")
+def _sequence_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse):
+    # Shapes follow from input's rows and the states' batch; batch_sizes' values are not needed.
+    rows, batch, hidden_size = input.shape[0], hx.shape[0], weight_hh.shape[1]
+    return (
+        input.new_empty(rows, hidden_size),
+        input.new_empty(batch, hidden_size),
+        input.new_empty(batch, hidden_size),
+        input.new_empty(rows, hidden_size),
+        input.new_empty(rows, 4 * hidden_size),
+    )
+
+
+@torch.library.register_fake("lstm_fused::sequence_backward")
+def _sequence_backward_fake(
+    grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx,
+    weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
+):
+    wanted = zip(output_mask, (input, hx, cx, weight_ih, weight_hh, weight_hh[:, 0]))
+    return tuple(input.new_empty(like.shape) if want else input.new_empty(0) for want, like in wanted)

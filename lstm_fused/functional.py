@@ -1,7 +1,9 @@
-"""lstm_cell: the functional form of the fused cell, mirroring torch.lstm_cell."""
-from typing import NamedTuple, Optional, Tuple
+"""Functional forms: lstm_cell (one fused step, as torch.lstm_cell) and lstm_layers (nn.LSTM's
+layer stack over a packed sequence)."""
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._ops import BUILD_INFO, ops
@@ -51,22 +53,28 @@ def prepare_cell_args(input: Tensor, hx, hidden_size: int, name: str = "LSTMCell
     return input, h_0, c_0, batched
 
 
-def _autocast_to(tensors, device_type):
-    """The dtype nn.LSTMCell would compute in under autocast.
-
-    CUDA: lstm_cell is on autocast's lower-precision list, so everything but float64 is cast to the
-    autocast dtype. CPU: it is not; nn.LSTMCell's products then run in the autocast dtype and its
-    pointwise ops promote, so the outputs come out in promote(autocast dtype, c_0's dtype). Where
-    the tensors already share a dtype that is what they keep (nn gives the same output dtype); where
-    they are mixed (a cell fed by an autocast Linear) they are cast to that promoted dtype."""
+def _cast_to_autocast_dtype(tensors, device_type):
+    """What autocast does to an op on its lower-precision list: every floating tensor but float64
+    in the autocast dtype. lstm is on the list on the CPU and on CUDA, lstm_cell only on CUDA."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
+
+
+def _autocast_cell(tensors, device_type):
+    """The dtype nn.LSTMCell computes in under autocast.
+
+    CUDA: lstm_cell is on autocast's list. CPU: it is not; nn.LSTMCell's products then run in the
+    autocast dtype and its pointwise ops promote, so the outputs come out in promote(autocast
+    dtype, c_0's dtype). Where the tensors already share a dtype they keep it (nn gives the same
+    output dtype); where they are mixed (a cell fed by an autocast Linear) they are cast to that
+    promoted dtype."""
     if device_type == "cuda":
-        return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
-    if len({t.dtype for t in tensors if t is not None}) == 1:
+        return _cast_to_autocast_dtype(tensors, device_type)
+    if not torch.is_autocast_enabled(device_type) or len({t.dtype for t in tensors if t is not None}) == 1:
         return tensors
-    dtype = torch.promote_types(dtype, tensors[2].dtype)
+    dtype = torch.promote_types(torch.get_autocast_dtype(device_type), tensors[2].dtype)
     return [t.to(dtype) if t is not None else t for t in tensors]
 
 
@@ -92,10 +100,62 @@ def lstm_cell(
             "lstm_fused was built without its CUDA kernels (no CUDA toolkit or CPU-only torch at build time); "
             "rebuild with `LSTM_FUSED_CUDA=1 pip install --no-build-isolation --force-reinstall --no-deps .`"
         )
-    args = _autocast_to([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], device_type)
+    args = _autocast_cell([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], device_type)
     h_1, c_1, gates = ops.cell_forward(*args)
     if not batched:
         h_1, c_1, gates = h_1.squeeze(0), c_1.squeeze(0), gates.squeeze(0)
     if not return_gates:
         return h_1, c_1
     return h_1, c_1, LSTMGates(*gates.chunk(4, dim=-1))
+
+
+def lstm_layers(
+    data: Tensor,
+    batch_sizes: Tensor,
+    h_0: Tensor,
+    c_0: Tensor,
+    weights: Sequence[Sequence[Tensor]],
+    *,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+):
+    """nn.LSTM's stack of layers over a sequence in PackedSequence layout, one op call per layer
+    and direction.
+
+    data is [sum(batch_sizes), input_size] (a padded [T, B, I] input is data = input.view(T * B, I)
+    with T batch sizes B); batch_sizes the int64 CPU tensor of rows per step, non-increasing;
+    h_0, c_0 are [num_layers * num_directions, batch_sizes[0], hidden_size]; weights[layer *
+    num_directions + direction] is [weight_ih, weight_hh] or [weight_ih, weight_hh, bias_ih,
+    bias_hh], as nn.LSTM.all_weights. Dropout, when training, applies to every layer's output but
+    the last, as nn.LSTM does.
+
+    Returns ``(output, h_n, c_n, states)``: output [rows, num_directions * hidden_size], and for
+    each layer and direction (same index as weights) a pair (cell_states [rows, hidden_size],
+    gates [rows, 4 * hidden_size] activated, i f g o)."""
+    num_directions = 2 if bidirectional else 1
+    num_layers = len(weights) // num_directions
+    device_type = data.device.type
+    layer_input = data
+    h_n, c_n, states = [], [], []
+    for layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(num_directions):
+            index = layer * num_directions + direction
+            weight_ih, weight_hh, *biases = weights[index]
+            bias_ih, bias_hh = biases if biases else (None, None)
+            x, hx, cx, w_ih, w_hh, b_ih, b_hh = _cast_to_autocast_dtype(
+                [layer_input, h_0[index], c_0[index], weight_ih, weight_hh, bias_ih, bias_hh], device_type
+            )
+            output, h_last, c_last, cell_states, gates = ops.sequence_forward(
+                x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1
+            )
+            direction_outputs.append(output)
+            h_n.append(h_last)
+            c_n.append(c_last)
+            states.append((cell_states, gates))
+        layer_output = direction_outputs[0] if num_directions == 1 else torch.cat(direction_outputs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_output = F.dropout(layer_output, dropout, training=True)
+        layer_input = layer_output
+    return layer_input, torch.stack(h_n), torch.stack(c_n), states

@@ -1,7 +1,12 @@
 """Drop-in replacements for torch.nn's recurrent modules."""
-from torch import nn
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
+from .functional import LSTMGates
 
 
 class LSTMCell(nn.LSTMCell):
@@ -17,3 +22,119 @@ class LSTMCell(nn.LSTMCell):
         return functional.lstm_cell(
             input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, return_gates=return_gates
         )
+
+
+class LSTMLayerStates(NamedTuple):
+    """One layer and direction's state at every step, each laid out like the LSTM's output (for
+    that direction's hidden_size features): [T, B, hidden_size], [B, T, hidden_size] with
+    batch_first, [T, hidden_size] unbatched, or a PackedSequence sharing the input's batch_sizes and
+    indices. Views of buffers the backward keeps anyway; gradients flow through them."""
+
+    gates: LSTMGates  # activated i, f, g, o
+    cell_state: Tensor  # c_t
+
+
+class LSTM(nn.LSTM):
+    """``torch.nn.LSTM`` computed by lstm_fused: per layer and direction, one product for every
+    step's input, then a C++ loop of the recurrent product and the fused cell, and a hand-written
+    backward through time.
+
+    A subclass of nn.LSTM: same constructor, parameters (``weight_ih_l0``, ``weight_hh_l0_reverse``,
+    ...), initialisation, state_dict and repr; holds no state of its own (which is what lets
+    :func:`lstm_fused.convert` switch an nn.LSTM's class in place). ``lstm(input, (h_0, c_0)=None)``
+    returns ``(output, (h_n, c_n))`` with nn.LSTM's shapes, for batched, unbatched, batch_first and
+    PackedSequence input. ``lstm(input, hx, return_states=True)`` also returns a tuple of
+    :class:`LSTMLayerStates`, one per layer and direction, ordered as h_n's first dimension
+    (``layer * num_directions + direction``).
+
+    Not supported: ``proj_size > 0`` (raises NotImplementedError), and double backward (a second
+    differentiation of its gradients raises). torch.compile: Dynamo refuses every nn.LSTM subclass
+    unless ``torch._dynamo.config.allow_rnn = True``; with it, the forward compiles without graph
+    breaks.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proj_size > 0:
+            raise NotImplementedError(
+                f"lstm_fused.LSTM does not support proj_size > 0 (got proj_size={self.proj_size}); "
+                "use torch.nn.LSTM for an LSTM with projections"
+            )
+
+    def flatten_parameters(self) -> None:
+        """A no-op: the kernels read each weight where it is. (nn.LSTM's version moves the
+        weights into one cuDNN buffer, which nothing here would use.)"""
+
+    def forward(self, input, hx=None, *, return_states: bool = False):
+        # nn.LSTM's argument handling, with its error messages; then one call for the whole stack.
+        self._update_flat_weights()  # check_input reads the weight dtype from _flat_weights
+        num_directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not batched:
+                input = input.unsqueeze(batch_dim)
+            sorted_indices = unsorted_indices = None
+            # The kernels take every step's rows stacked: time-major [T * B, I], a view when the
+            # input already is time-major and contiguous.
+            time_major = input.transpose(0, 1) if self.batch_first else input
+            num_steps, batch = time_major.shape[0], time_major.shape[1]
+            data = time_major.reshape(num_steps * batch, time_major.shape[2])
+            batch_sizes = torch.full((num_steps,), batch, dtype=torch.int64)
+
+        if hx is None:
+            self.check_input(data if packed else input, batch_sizes if packed else None)
+            zeros = data.new_zeros(self.num_layers * num_directions, batch, self.hidden_size)
+            hx = (zeros, zeros)
+        else:
+            if not packed:
+                wanted_dim = 3 if batched else 2
+                if hx[0].dim() != wanted_dim or hx[1].dim() != wanted_dim:
+                    kind = "batched 3-D" if batched else "unbatched 2-D"
+                    raise RuntimeError(
+                        f"For {kind} input, hx and cx should also be {wanted_dim}-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+                if not batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self.check_forward_args(data if packed else input, hx, batch_sizes if packed else None)
+            # Packed sequences are sorted longest first; the states follow the user's order.
+            hx = self.permute_hidden(hx, sorted_indices)
+
+        output, h_n, c_n, states = functional.lstm_layers(
+            data,
+            batch_sizes,
+            hx[0],
+            hx[1],
+            self.all_weights,
+            bidirectional=self.bidirectional,
+            dropout=self.dropout,
+            training=self.training,
+        )
+
+        def like_output(rows: Tensor):
+            # [rows, features] -> the layout of the output, PackedSequence included.
+            if packed:
+                return PackedSequence(rows, batch_sizes, sorted_indices, unsorted_indices)
+            steps = rows.view(num_steps, batch, rows.shape[-1])
+            if self.batch_first:
+                steps = steps.transpose(0, 1)
+            return steps if batched else steps.squeeze(batch_dim)
+
+        h_n, c_n = self.permute_hidden((h_n, c_n), unsorted_indices)
+        if not packed and not batched:
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        result = (like_output(output), (h_n, c_n))
+        if not return_states:
+            return result
+        layer_states = tuple(
+            LSTMLayerStates(LSTMGates(*(like_output(gate) for gate in gates.chunk(4, dim=1))), like_output(cell_states))
+            for cell_states, gates in states
+        )
+        return result + (layer_states,)

@@ -1,0 +1,103 @@
+// See matmul.h for why the CPU's float32 products bypass at::mm.
+#include "matmul.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+
+namespace lstm_fused {
+namespace {
+
+// One thread: a reorder pays for itself after 5 products at [8,512]x[512,2048], 10 at
+// [8,256]x[256,1024] (145 us against 15 us saved each), 25 at [16,128]x[128,512].
+constexpr int64_t kUsesWorthReordering = 32;
+// One thread: [8,128]x[128,512] (0.5M) takes 14.5 us with MKL, 18 with oneDNN; at 1M they tie,
+// [8,256]x[256,1024] (2M) takes 59 against 47 (33 with a reordered weight).
+constexpr int64_t kMultiplyAddsWorthOnednn = int64_t{1} << 20;
+
+using LinearPointwiseFn = at::Tensor(
+    const at::Tensor&,
+    const at::Tensor&,
+    const std::optional<at::Tensor>&,
+    c10::string_view,
+    c10::List<std::optional<c10::Scalar>>,
+    std::optional<c10::string_view>);
+
+// ATen registers its oneDNN ops only in builds with oneDNN; looked up once, absent means at::mm.
+const std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>>& onednn_linear_op() {
+  static const auto op = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>> {
+    const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
+      return std::nullopt;
+    }
+    return handle->typed<LinearPointwiseFn>();
+  }();
+  return op;
+}
+
+// Whether `rows` rows times weight^T (weight [features, inner], of the input's dtype and device, or
+// already reordered, which only oneDNN reads) go to oneDNN.
+bool uses_onednn(int64_t rows, const at::Tensor& weight) {
+  if (weight.is_mkldnn()) {
+    return true;
+  }
+  return weight.device().is_cpu() && weight.scalar_type() == at::kFloat &&
+      rows * weight.size(0) * weight.size(1) >= kMultiplyAddsWorthOnednn && at::globalContext().userEnabledMkldnn() &&
+      onednn_linear_op().has_value();
+}
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return onednn_linear_op()->call(x, weight, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+}
+
+}  // namespace
+
+at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (uses_onednn(x.size(0), weight)) {
+    return onednn_linear(x, weight, bias);
+  }
+  return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+}
+
+void linear_product_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, bool accumulate) {
+  if (uses_onednn(x.size(0), weight)) {
+    // The op returns a new tensor; adding or copying it costs a pass over out, small beside the product.
+    const at::Tensor product = onednn_linear(x, weight, std::nullopt);
+    accumulate ? out.add_(product) : out.copy_(product);
+    return;
+  }
+  accumulate ? out.addmm_(x, weight.t()) : at::mm_out(out, x, weight.t());
+}
+
+std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::vector<at::Tensor>& rights) {
+  std::vector<at::Tensor> products;
+  // As linear products: x = left^T, weight = right^T.
+  const at::Tensor left_t = left.t();
+  if (std::all_of(rights.begin(), rights.end(), [&](const at::Tensor& right) { return uses_onednn(left_t.size(0), right.t()); })) {
+    // The op takes its left operand contiguous: transpose once for all products. Its right
+    // operand (weight) may be strided.
+    const at::Tensor left_t_contiguous = left_t.contiguous();
+    for (const at::Tensor& right : rights) {
+      products.push_back(onednn_linear(left_t_contiguous, right.t(), std::nullopt));
+    }
+  } else {
+    for (const at::Tensor& right : rights) {
+      products.push_back(at::mm(left_t, right));
+    }
+  }
+  return products;
+}
+
+at::Tensor prepare_repeated_weight(const at::Tensor& weight, int64_t batch, int64_t uses) {
+  if (uses < kUsesWorthReordering || !uses_onednn(batch, weight)) {
+    return weight;
+  }
+  static const auto reorder_op = c10::Dispatcher::singleton()
+                                     .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                                     .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+  return reorder_op.call(weight, batch);
+}
+
+}  // namespace lstm_fused

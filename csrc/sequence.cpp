@@ -1,0 +1,290 @@
+// One LSTM layer, one direction, over a whole sequence: the forward loop and backpropagation
+// through time, in C++ so that no Python runs per step.
+//
+// Built only from dispatcher calls (matrix products through matmul.h, the cell's cell_pointwise_
+// and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop drives the CPU
+// kernels and the CUDA ones. Its autograd is csrc/autograd.cpp's SequenceFunction.
+//
+// Layout: PackedSequence's. Every step's rows are stacked in one [sum(batch_sizes), ...] tensor,
+// sequences sorted longest first, so step t holds sequences [0, batch_sizes[t]) and each step's rows
+// are a prefix of the previous step's. A padded [T, B, ...] batch is the case of equal batch sizes.
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include "matmul.h"
+#include "ops.h"
+
+namespace lstm_fused {
+namespace {
+
+// One time step, as the recurrence visits it (last step first when reverse).
+struct Step {
+  int64_t offset;           // its first row in the packed tensors
+  int64_t batch;            // its rows: the sequences still running at this step
+  int64_t carried;          // rows [0, carried) continue from the step visited before; rows
+                            // [carried, batch) begin here, from the initial state hx, cx
+  int64_t previous_offset;  // first row of the step visited before (meaningful when carried > 0)
+  int64_t ending;           // rows [ending, batch) end here: their state is the final h_n, c_n
+};
+
+std::vector<Step> visiting_order(const std::vector<int64_t>& batch_sizes, bool reverse) {
+  const int64_t num_steps = static_cast<int64_t>(batch_sizes.size());
+  std::vector<int64_t> offsets(num_steps, 0);
+  for (int64_t t = 1; t < num_steps; ++t) {
+    offsets[t] = offsets[t - 1] + batch_sizes[t - 1];
+  }
+  std::vector<Step> steps(num_steps);
+  for (int64_t k = 0; k < num_steps; ++k) {
+    const int64_t t = reverse ? num_steps - 1 - k : k;
+    Step& step = steps[k];
+    step.offset = offsets[t];
+    step.batch = batch_sizes[t];
+    // Forward, every row continues from step t - 1 (which has at least as many). Reversed, step
+    // t + 1 holds fewer sequences: the others have their last element at t and start here.
+    step.carried = k == 0 ? 0 : std::min(step.batch, steps[k - 1].batch);
+    step.previous_offset = k == 0 ? 0 : steps[k - 1].offset;
+  }
+  for (int64_t k = 0; k < num_steps; ++k) {
+    steps[k].ending = k + 1 < num_steps ? steps[k + 1].carried : 0;
+  }
+  return steps;
+}
+
+// The state a step starts from: the previous visited step's rows for the sequences that continue,
+// the initial state for those that begin here. A view except where both meet (reverse direction,
+// at a step where the batch grows), which needs one small concatenation.
+at::Tensor previous_rows(const at::Tensor& states, const at::Tensor& initial, const Step& step) {
+  if (step.carried == step.batch) {
+    return states.narrow(0, step.previous_offset, step.batch);
+  }
+  if (step.carried == 0) {
+    return initial.narrow(0, 0, step.batch);
+  }
+  return at::cat(
+      {states.narrow(0, step.previous_offset, step.carried),
+       initial.narrow(0, step.carried, step.batch - step.carried)});
+}
+
+// Copies row ranges into one destination, merging a copy that continues the previous one in both
+// source and destination: a padded batch gathers its previous hidden states in two copies, not T.
+class RowGather {
+ public:
+  explicit RowGather(at::Tensor destination) : destination_(std::move(destination)) {}
+
+  void copy(int64_t destination_row, const at::Tensor& source, int64_t source_row, int64_t rows) {
+    if (rows == 0) {
+      return;
+    }
+    if (pending_rows_ > 0 && source.is_same(pending_source_) &&
+        destination_row == pending_destination_row_ + pending_rows_ &&
+        source_row == pending_source_row_ + pending_rows_) {
+      pending_rows_ += rows;
+      return;
+    }
+    flush();
+    pending_source_ = source;
+    pending_destination_row_ = destination_row;
+    pending_source_row_ = source_row;
+    pending_rows_ = rows;
+  }
+
+  at::Tensor finish() {
+    flush();
+    return destination_;
+  }
+
+ private:
+  void flush() {
+    if (pending_rows_ > 0) {
+      destination_.narrow(0, pending_destination_row_, pending_rows_)
+          .copy_(pending_source_.narrow(0, pending_source_row_, pending_rows_));
+    }
+    pending_rows_ = 0;
+  }
+
+  at::Tensor destination_;
+  at::Tensor pending_source_;
+  int64_t pending_destination_row_ = 0;
+  int64_t pending_source_row_ = 0;
+  int64_t pending_rows_ = 0;
+};
+
+// Every row's previous hidden state (what its step multiplied by weight_hh) as one matrix, so that
+// grad_weight_hh is a single product. Visited in row order, which is what lets copies merge.
+at::Tensor previous_hidden_states(const at::Tensor& output, const at::Tensor& hx, const std::vector<Step>& steps, bool reverse) {
+  RowGather gather(new_output(output.sizes(), output.options()));
+  const int64_t num_steps = static_cast<int64_t>(steps.size());
+  for (int64_t i = 0; i < num_steps; ++i) {
+    const Step& step = steps[reverse ? num_steps - 1 - i : i];
+    gather.copy(step.offset, output, step.previous_offset, step.carried);
+    gather.copy(step.offset + step.carried, hx, step.carried, step.batch - step.carried);
+  }
+  return gather.finish();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse) {
+  const std::vector<int64_t> sizes =
+      check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+  // Autocast must not recast the products of an op whose dtype was fixed by its caller.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t total_rows = input.size(0);
+  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t batch = hx.size(0);
+  const auto options = input.options();
+
+  // The input's share of every step's gates in one product, the only part that does not wait on
+  // the recurrence. bias_ih rides on it; bias_hh is added by the pointwise pass.
+  at::Tensor gates = linear_product(input, weight_ih, bias_ih);
+  at::Tensor output = new_output({total_rows, hidden_size}, options);
+  at::Tensor cell_states = new_output({total_rows, hidden_size}, options);
+  at::Tensor hy = new_output({batch, hidden_size}, options);
+  at::Tensor cy = new_output({batch, hidden_size}, options);
+
+  const at::Tensor recurrent_weight = prepare_repeated_weight(weight_hh, batch, static_cast<int64_t>(sizes.size()));
+  for (const Step& step : visiting_order(sizes, reverse)) {
+    at::Tensor step_gates = gates.narrow(0, step.offset, step.batch);
+    at::Tensor step_hidden = output.narrow(0, step.offset, step.batch);
+    at::Tensor step_cell = cell_states.narrow(0, step.offset, step.batch);
+    linear_product_into(step_gates, previous_rows(output, hx, step), recurrent_weight, /*accumulate=*/true);
+    dispatch_cell_pointwise_(step_gates, previous_rows(cell_states, cx, step), bias_hh, step_hidden, step_cell);
+    const int64_t ending_rows = step.batch - step.ending;
+    if (ending_rows > 0) {
+      hy.narrow(0, step.ending, ending_rows).copy_(step_hidden.narrow(0, step.ending, ending_rows));
+      cy.narrow(0, step.ending, ending_rows).copy_(step_cell.narrow(0, step.ending, ending_rows));
+    }
+  }
+  return {output, hy, cy, cell_states, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_backward(
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_cell_states,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const at::Tensor& output,
+    const at::Tensor& cell_states,
+    const at::Tensor& gates,
+    bool reverse,
+    std::array<bool, 6> output_mask) {
+  // The saved tensors are sequence_forward's own; checking its arguments again covers the rest.
+  const std::vector<int64_t> sizes =
+      check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t total_rows = input.size(0);
+  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t batch = hx.size(0);
+  const auto options = input.options();
+  for (const auto& [grad, name, width] :
+       {std::tuple<const std::optional<at::Tensor>&, const char*, int64_t>{grad_output, "grad_output", hidden_size},
+        {grad_cell_states, "grad_cell_states", hidden_size},
+        {grad_gates, "grad_gates", 4 * hidden_size}}) {
+    TORCH_CHECK(
+        !grad.has_value() || grad->sizes() == at::IntArrayRef({total_rows, width}),
+        "lstm_fused: ", name, " must have shape [", total_rows, ", ", width, "], got ", grad->sizes());
+  }
+  for (const auto& [grad, name] :
+       {std::pair<const std::optional<at::Tensor>&, const char*>{grad_hy, "grad_hy"}, {grad_cy, "grad_cy"}}) {
+    TORCH_CHECK(
+        !grad.has_value() || grad->sizes() == hx.sizes(),
+        "lstm_fused: ", name, " must have shape ", hx.sizes(), ", got ", grad->sizes());
+  }
+
+  // The gradient reaching each running sequence's h and c at the step being visited: from the
+  // step after it (through the recurrence), from output and cell_states, and at a sequence's last
+  // step from h_n, c_n.
+  at::Tensor grad_hidden = new_output({batch, hidden_size}, options);
+  at::Tensor grad_cell = new_output({batch, hidden_size}, options);
+  at::Tensor grad_hx = new_output({batch, hidden_size}, options);
+  at::Tensor grad_cx = new_output({batch, hidden_size}, options);
+  // Every step's gate pre-activation gradients, kept for the products over all steps at the end.
+  const bool keep_gate_grads = output_mask[0] || output_mask[3] || output_mask[4] || output_mask[5];
+  at::Tensor grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
+
+  // h_prev's gradient is G @ weight_hh: linear's weight^T is weight_hh.t(), a strided view.
+  const at::Tensor weight_hh_t = weight_hh.t();
+  const std::vector<Step> steps = visiting_order(sizes, reverse);
+  for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
+    const Step& step = *step_it;
+    const int64_t ending_rows = step.batch - step.ending;
+    if (ending_rows > 0) {
+      at::Tensor hidden_rows = grad_hidden.narrow(0, step.ending, ending_rows);
+      at::Tensor cell_rows = grad_cell.narrow(0, step.ending, ending_rows);
+      grad_hy.has_value() ? hidden_rows.copy_(grad_hy->narrow(0, step.ending, ending_rows)) : hidden_rows.zero_();
+      grad_cy.has_value() ? cell_rows.copy_(grad_cy->narrow(0, step.ending, ending_rows)) : cell_rows.zero_();
+    }
+    at::Tensor step_grad_hidden = grad_hidden.narrow(0, 0, step.batch);
+    at::Tensor step_grad_cell = grad_cell.narrow(0, 0, step.batch);
+    if (grad_output.has_value()) {
+      step_grad_hidden.add_(grad_output->narrow(0, step.offset, step.batch));
+    }
+    if (grad_cell_states.has_value()) {
+      step_grad_cell.add_(grad_cell_states->narrow(0, step.offset, step.batch));
+    }
+    const std::optional<at::Tensor> step_grad_gates =
+        grad_gates.has_value() ? std::optional<at::Tensor>(grad_gates->narrow(0, step.offset, step.batch)) : std::nullopt;
+    auto [grad_preactivation, grad_cell_prev] = dispatch_cell_gate_grads(
+        step_grad_hidden,
+        step_grad_cell,
+        step_grad_gates,
+        previous_rows(cell_states, cx, step),
+        cell_states.narrow(0, step.offset, step.batch),
+        gates.narrow(0, step.offset, step.batch));
+    if (keep_gate_grads) {
+      grad_preactivations.narrow(0, step.offset, step.batch).copy_(grad_preactivation);
+    }
+    // Now the gradient of the states this step started from: what the previous visited step gets.
+    linear_product_into(step_grad_hidden, grad_preactivation, weight_hh_t, /*accumulate=*/false);
+    step_grad_cell.copy_(grad_cell_prev);
+    const int64_t starting_rows = step.batch - step.carried;
+    if (starting_rows > 0) {
+      grad_hx.narrow(0, step.carried, starting_rows).copy_(step_grad_hidden.narrow(0, step.carried, starting_rows));
+      grad_cx.narrow(0, step.carried, starting_rows).copy_(step_grad_cell.narrow(0, step.carried, starting_rows));
+    }
+  }
+
+  // The products over all steps at once: one large GEMM each instead of T small ones.
+  const auto empty = [&] { return at::empty({0}, options); };
+  std::vector<at::Tensor> weight_grad_operands;
+  if (output_mask[3]) {
+    weight_grad_operands.push_back(input);
+  }
+  if (output_mask[4]) {
+    weight_grad_operands.push_back(previous_hidden_states(output, hx, steps, reverse));
+  }
+  const std::vector<at::Tensor> weight_grads =
+      weight_grad_operands.empty() ? std::vector<at::Tensor>() : transposed_products(grad_preactivations, weight_grad_operands);
+  return {
+      output_mask[0] ? linear_product(grad_preactivations, weight_ih.t(), std::nullopt) : empty(),
+      output_mask[1] ? grad_hx : empty(),
+      output_mask[2] ? grad_cx : empty(),
+      output_mask[3] ? weight_grads.front() : empty(),
+      output_mask[4] ? weight_grads.back() : empty(),
+      output_mask[5] ? grad_preactivations.sum(0) : empty(),
+  };
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
+  m.impl("sequence_forward", &sequence_forward);
+  m.impl("sequence_backward", &sequence_backward);
+}
+
+}  // namespace lstm_fused
