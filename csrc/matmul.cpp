@@ -49,7 +49,12 @@ bool uses_onednn(int64_t rows, const at::Tensor& weight) {
 }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return onednn_linear_op()->call(x, weight, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  // The op reads a strided bias as if it were contiguous (NaN or garbage, found by the
+  // non-contiguous parity tests), so bias and x go in contiguous (no copy when they already are).
+  const std::optional<at::Tensor> contiguous_bias =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  return onednn_linear_op()->call(
+      x.contiguous(), weight, contiguous_bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "matmul.h"
 #include "ops.h"
 
 // Importing lstm_fused._C runs the static TORCH_LIBRARY registrations below; the module itself is
@@ -297,12 +298,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto [grad_preactivation, grad_cx] = dispatch_cell_gate_grads(grad_hy, grad_cy, grad_gates, cx, cy, gates);
   const auto empty = [&] { return at::empty({0}, input.options()); };
+  // The weight gradients G^T x and G^T h share G^T: one transpose for both where it is needed.
+  std::vector<at::Tensor> weight_grad_operands;
+  if (output_mask[3]) {
+    weight_grad_operands.push_back(input);
+  }
+  if (output_mask[4]) {
+    weight_grad_operands.push_back(hx);
+  }
+  std::vector<at::Tensor> weight_grads =
+      weight_grad_operands.empty() ? std::vector<at::Tensor>() : transposed_products(grad_preactivation, weight_grad_operands);
+  auto next_weight_grad = weight_grads.begin();
   return {
-      output_mask[0] ? at::mm(grad_preactivation, weight_ih) : empty(),
-      output_mask[1] ? at::mm(grad_preactivation, weight_hh) : empty(),
+      output_mask[0] ? linear_product(grad_preactivation, weight_ih.t(), std::nullopt) : empty(),
+      output_mask[1] ? linear_product(grad_preactivation, weight_hh.t(), std::nullopt) : empty(),
       output_mask[2] ? grad_cx : empty(),
-      output_mask[3] ? at::mm(grad_preactivation.t(), input) : empty(),
-      output_mask[4] ? at::mm(grad_preactivation.t(), hx) : empty(),
+      output_mask[3] ? *next_weight_grad++ : empty(),
+      output_mask[4] ? *next_weight_grad++ : empty(),
       // A batch of one needs no reduction: its row is the bias gradient.
       output_mask[5] ? (grad_preactivation.size(0) == 1 ? grad_preactivation[0] : grad_preactivation.sum(0)) : empty(),
   };

@@ -7,6 +7,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "../matmul.h"
 #include "../ops.h"
 #include "cell_units.h"
 
@@ -133,13 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
 
   // Both products accumulate into one [batch, 4 * hidden] buffer: no per-gate products, no chunk
   // or cat copies. bias_ih rides on the first product; bias_hh is added in the pointwise pass.
-  at::Tensor gates = new_output({batch, 4 * hidden_size}, options);
-  if (bias_ih.has_value()) {
-    at::addmm_out(gates, *bias_ih, input, weight_ih.t());
-  } else {
-    at::mm_out(gates, input, weight_ih.t());
-  }
-  gates.addmm_(hx, weight_hh.t());
+  // matmul.h picks the library (oneDNN or BLAS) for each product's size.
+  at::Tensor gates = linear_product(input, weight_ih, bias_ih);
+  linear_product_into(gates, hx, weight_hh, /*accumulate=*/true);
 
   at::Tensor hy = new_output({batch, hidden_size}, options);
   at::Tensor cy = new_output({batch, hidden_size}, options);
