@@ -24,16 +24,30 @@ using LinearPointwiseFn = at::Tensor(
     c10::string_view,
     c10::List<std::optional<c10::Scalar>>,
     std::optional<c10::string_view>);
+using ReorderLinearWeightFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
 
-// ATen registers its oneDNN ops only in builds with oneDNN; looked up once, absent means at::mm.
+// ATen's oneDNN ops, looked up once. They are internal (Inductor's): absent from builds without
+// oneDNN, and free to change between torch versions; either way at::mm takes over.
+template <typename Fn>
+std::optional<c10::TypedOperatorHandle<Fn>> find_cpu_op(const char* name) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
+    return std::nullopt;
+  }
+  try {
+    return handle->typed<Fn>();
+  } catch (const c10::Error&) {  // a signature other than the one this file was written for
+    return std::nullopt;
+  }
+}
+
 const std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>>& onednn_linear_op() {
-  static const auto op = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwiseFn>> {
-    const auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    if (!handle.has_value() || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) {
-      return std::nullopt;
-    }
-    return handle->typed<LinearPointwiseFn>();
-  }();
+  static const auto op = find_cpu_op<LinearPointwiseFn>("mkldnn::_linear_pointwise");
+  return op;
+}
+
+const std::optional<c10::TypedOperatorHandle<ReorderLinearWeightFn>>& onednn_reorder_op() {
+  static const auto op = find_cpu_op<ReorderLinearWeightFn>("mkldnn::_reorder_linear_weight");
   return op;
 }
 
@@ -96,13 +110,10 @@ std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::v
 }
 
 at::Tensor prepare_repeated_weight(const at::Tensor& weight, int64_t batch, int64_t uses) {
-  if (uses < kUsesWorthReordering || !uses_onednn(batch, weight)) {
+  if (uses < kUsesWorthReordering || !uses_onednn(batch, weight) || !onednn_reorder_op().has_value()) {
     return weight;
   }
-  static const auto reorder_op = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
-                                     .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
-  return reorder_op.call(weight, batch);
+  return onednn_reorder_op()->call(weight, batch);
 }
 
 }  // namespace lstm_fused

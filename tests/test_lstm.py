@@ -2,7 +2,6 @@
 outputs and every gradient over padded, batch_first, packed and unbatched input; gradcheck; gate
 and state introspection; state_dict; convert(); bad input; opcheck; torch.compile."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -27,15 +26,15 @@ def poison_outputs():
     torch.ops.lstm_fused._set_poison_outputs(previous)
 
 
-def twin_lstms(dtype=torch.float64, input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE, **config):
+def twin_lstms(dtype=torch.float64, input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE, device="cpu", **config):
     """An nn.LSTM and an lf.LSTM with the same weights."""
-    torch_lstm = nn.LSTM(input_size, hidden_size, dtype=dtype, **config)
-    fused_lstm = lf.LSTM(input_size, hidden_size, dtype=dtype, **config)
+    torch_lstm = nn.LSTM(input_size, hidden_size, dtype=dtype, device=device, **config)
+    fused_lstm = lf.LSTM(input_size, hidden_size, dtype=dtype, device=device, **config)
     fused_lstm.load_state_dict(torch_lstm.state_dict())
     return torch_lstm, fused_lstm
 
 
-def random_case(lstm, layout, with_hx, num_steps=None, dtype=torch.float64, seed=0):
+def random_case(lstm, layout, with_hx, num_steps=None, dtype=torch.float64, seed=0, device="cpu"):
     """Fresh random time-major input [T, B, I] and states [L * D, B, H], as leaves."""
     generator = torch.Generator().manual_seed(seed)
     num_steps = num_steps or max(LENGTHS)
@@ -43,7 +42,7 @@ def random_case(lstm, layout, with_hx, num_steps=None, dtype=torch.float64, seed
     states = lstm.num_layers * (2 if lstm.bidirectional else 1)
 
     def leaf(*shape):
-        return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_()
+        return torch.randn(*shape, generator=generator, dtype=dtype).to(device).requires_grad_()
 
     x = leaf(num_steps, batch, lstm.input_size)
     hx = (leaf(states, batch, lstm.hidden_size), leaf(states, batch, lstm.hidden_size)) if with_hx else None
@@ -81,7 +80,7 @@ def outputs_and_gradients(lstm, x, hx, layout, lengths=None, seed=1):
     output, h_n, c_n, _ = run(lstm, x, hx, layout, lengths)
     generator = torch.Generator().manual_seed(seed)
     loss = sum(
-        (t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum() for t in (output, h_n, c_n)
+        (t * torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)).sum() for t in (output, h_n, c_n)
     )
     leaves = [x] + (list(hx) if hx is not None else []) + list(lstm.parameters())
     gradients = torch.autograd.grad(loss, leaves)
@@ -96,11 +95,11 @@ def assert_all_close(actual, expected, atol, rtol=0.0):
 
 
 def assert_matches_nn_lstm(
-    config, layout, with_hx, atol=1e-10, rtol=0.0, dtype=torch.float64, lengths=None, sizes=(), **case
+    config, layout, with_hx, atol=1e-10, rtol=0.0, dtype=torch.float64, lengths=None, sizes=(), device="cpu", **case
 ):
     batch_first = layout == "batch_first"
-    torch_lstm, fused_lstm = twin_lstms(dtype, *sizes, batch_first=batch_first, **config)
-    x, hx = random_case(torch_lstm, layout, with_hx, dtype=dtype, **case)
+    torch_lstm, fused_lstm = twin_lstms(dtype, *sizes, batch_first=batch_first, device=device, **config)
+    x, hx = random_case(torch_lstm, layout, with_hx, dtype=dtype, device=device, **case)
     expected_outputs, expected_grads = outputs_and_gradients(torch_lstm, x, hx, layout, lengths)
     actual_outputs, actual_grads = outputs_and_gradients(fused_lstm, x, hx, layout, lengths)
     assert_all_close(actual_outputs, expected_outputs, atol, rtol)
@@ -149,6 +148,13 @@ def test_float32_matches_nn_lstm(layout, onednn):
             dict(num_layers=2, bidirectional=True), layout, with_hx=True, atol=1e-5, rtol=1e-5,
             dtype=torch.float32, num_steps=40, lengths=[33, 40, 2, 33], sizes=(64, 256),
         )
+
+
+# The sequence loop is device-independent: on a GPU it drives the CUDA cell kernels and cuBLAS.
+@pytest.mark.skipif(not (torch.cuda.is_available() and lf.WITH_CUDA), reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("layout", ["padded", "batch_first", "packed_unsorted"])
+def test_cuda_matches_nn_lstm(layout):
+    assert_matches_nn_lstm(dict(num_layers=2, bidirectional=True), layout, with_hx=True, device="cuda")
 
 
 def test_non_contiguous_states():
