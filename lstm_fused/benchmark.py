@@ -127,6 +127,33 @@ def build_compiled_reference(baseline):
     return step_by_step(torch.compile(cell, dynamic=False), cell_parameters(cell))
 
 
+def whole_sequence(lstm: nn.LSTM) -> Prepared:
+    """A sequence module over all T steps in one call, with the cell's weights as layer 0."""
+
+    def run(step_inputs, h, c):
+        output, (_, c_n) = lstm(torch.stack(step_inputs), (h.unsqueeze(0), c.unsqueeze(0)))
+        return list(output.unbind(0)), c_n.squeeze(0)
+
+    return Prepared(run, [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0])
+
+
+def copy_to_sequence_module(baseline: nn.LSTMCell, lstm_class) -> nn.LSTM:
+    weight = baseline.weight_ih
+    lstm = lstm_class(baseline.input_size, baseline.hidden_size, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(lstm, f"{name}_l0").copy_(getattr(baseline, name))
+    return lstm
+
+
+def build_nn_lstm(baseline):
+    return whole_sequence(copy_to_sequence_module(baseline, nn.LSTM))
+
+
+def build_fused_lstm(baseline):
+    return whole_sequence(copy_to_sequence_module(baseline, lstm_fused.LSTM))
+
+
 def fused_unavailable(device: torch.device) -> Optional[str]:
     if device.type == "cuda" and not lstm_fused.WITH_CUDA:
         return "lstm_fused was built without its CUDA kernels"
@@ -141,6 +168,10 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
         Implementation("reference", "lstm_fused.reference.LSTMCell (gate by gate in Python)", build_reference),
         Implementation(
             "compiled", "torch.compile of the reference cell", build_compiled_reference, slow_to_build=True
+        ),
+        Implementation("nn.LSTM", "torch.nn.LSTM over the T steps in one call (oneDNN / cuDNN)", build_nn_lstm),
+        Implementation(
+            "fused.LSTM", "lstm_fused.LSTM over the T steps in one call", build_fused_lstm, fused_unavailable
         ),
     ]
 }
@@ -333,36 +364,53 @@ def peak_memory_mib(call: Callable, device: torch.device) -> Optional[float]:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def matrix_product_floor(problem: Problem, mode: str) -> Callable[[], None]:
-    """The cell's matrix products alone, per step: forward addmm(b, x, W_ih^T) + addmm_(h, W_hh^T);
-    backward grad·W_ih, grad·W_hh, grad^T·x, grad^T·h. Into preallocated buffers, so that only the
-    products are left: a lower bound for any cell that calls the same GEMMs."""
+def blas_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], None)
+
+
+def product_libraries(problem: Problem) -> Dict[str, Callable]:
+    """The libraries ATen offers for the cell's products: BLAS everywhere (cuBLAS on CUDA), and
+    oneDNN for CPU float32 (on some CPUs, AMD's among them, MKL's float32 GEMM runs AVX2 code at
+    about half oneDNN's speed: the floor must not be the slower library's)."""
+    libraries = {"blas": blas_linear}
+    h = problem.h_0
+    if h.device.type == "cpu" and h.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        libraries["onednn"] = onednn_linear
+    return libraries
+
+
+def matrix_product_floor(problem: Problem, mode: str, linear: Callable) -> Callable[[], None]:
+    """The cell's matrix products alone, per step, through one library: forward x·W_ihᵀ + b and
+    h·W_hhᵀ; backward grad·W_ih, grad·W_hh, gradᵀ·x, gradᵀ·h. A lower bound for any cell that
+    needs the same products."""
     cell = problem.baseline
     with torch.no_grad():
         weight_ih, weight_hh = cell.weight_ih.detach(), cell.weight_hh.detach()
         bias = (cell.bias_ih + cell.bias_hh).detach()
     h, step_inputs = problem.h_0, problem.step_inputs
-    gates = h.new_empty(h.shape[0], 4 * h.shape[1])
-    grad_gates = torch.randn_like(gates)
-    grad_x, grad_h = torch.empty_like(step_inputs[0]), torch.empty_like(h)
-    grad_weight_ih, grad_weight_hh = torch.zeros_like(weight_ih), torch.zeros_like(weight_hh)
+    grad_gates = torch.randn(h.shape[0], 4 * h.shape[1], dtype=h.dtype, device=h.device)
 
     def forward_products():
         for x in step_inputs:
-            torch.addmm(bias, x, weight_ih.t(), out=gates)
-            gates.addmm_(h, weight_hh.t())
+            linear(x, weight_ih, bias).add_(linear(h, weight_hh))
 
     def backward_products():
+        grad_gates_t = grad_gates.t().contiguous()
         for x in step_inputs:
-            torch.mm(grad_gates, weight_ih, out=grad_x)
-            torch.mm(grad_gates, weight_hh, out=grad_h)
-            grad_weight_ih.addmm_(grad_gates.t(), x)
-            grad_weight_hh.addmm_(grad_gates.t(), h)
+            linear(grad_gates, weight_ih.t())
+            linear(grad_gates, weight_hh.t())
+            linear(grad_gates_t, x.t())
+            linear(grad_gates_t, h.t())
 
     def products():
-        forward_products()
-        if mode == TRAINING:
-            backward_products()
+        with torch.no_grad():
+            forward_products()
+            if mode == TRAINING:
+                backward_products()
 
     return products
 
@@ -389,7 +437,8 @@ class Outcome:
 class CaseResult:
     case: Case
     outcomes: Dict[str, Outcome]
-    floor_ms: Optional[float] = None
+    floor_ms: Optional[float] = None  # the fastest library's
+    floor_ms_by_library: Optional[Dict[str, float]] = None
 
     def ratio_to_floor(self) -> Optional[float]:
         headline = self.outcomes.get(HEADLINE)
@@ -444,8 +493,11 @@ def time_case(case: Case, prepared: Dict[str, Prepared], problem: Problem, outco
     for outcome in outcomes.values():
         if outcome.median_ms and baseline is not None and baseline.median_ms:
             outcome.speedup_vs_nn = baseline.median_ms / outcome.median_ms
-    floor = measure(matrix_product_floor(problem, case.mode), threads, min_run_time, device)
-    return CaseResult(case, outcomes, floor.median * 1e3)
+    floors = {
+        library: measure(matrix_product_floor(problem, case.mode, linear), threads, min_run_time, device).median * 1e3
+        for library, linear in product_libraries(problem).items()
+    }
+    return CaseResult(case, outcomes, min(floors.values()), floors)
 
 
 def prepare_implementations(names: List[str], problem: Problem) -> Tuple[Dict[str, Prepared], Dict[str, Outcome]]:
@@ -626,6 +678,7 @@ def write_json(path: str, results: List[CaseResult], machine, settings, wall_tim
         entry = asdict(result.case.shape)
         entry["mode"] = result.case.mode
         entry["floor_ms"] = result.floor_ms
+        entry["floor_ms_by_library"] = result.floor_ms_by_library
         entry[f"{HEADLINE}_over_floor"] = result.ratio_to_floor()
         entry["implementations"] = {name: asdict(outcome) for name, outcome in result.outcomes.items()}
         cases.append(entry)
@@ -635,7 +688,8 @@ def write_json(path: str, results: List[CaseResult], machine, settings, wall_tim
         "settings": settings,
         "wall_time_s": wall_time_s,
         "implementations": descriptions,
-        "floor": "the cell's matrix products alone (forward: 2 per step; forward+backward: 6 per step)",
+        "floor": "the cell's matrix products alone (forward: 2 per step; forward+backward: 6 per step), "
+        "through the fastest library ATen offers for them (BLAS; oneDNN for CPU float32)",
         "cases": cases,
     }
     with open(path, "w") as out:

@@ -53,6 +53,17 @@ def prepare_cell_args(input: Tensor, hx, hidden_size: int, name: str = "LSTMCell
     return input, h_0, c_0, batched
 
 
+def _kernel_device_type(input: Tensor) -> str:
+    """The input's device type, once we know the kernels for it were built."""
+    device_type = input.device.type
+    if device_type == "cuda" and not BUILD_INFO.WITH_CUDA:
+        raise RuntimeError(
+            "lstm_fused was built without its CUDA kernels (no CUDA toolkit or CPU-only torch at build time); "
+            "rebuild with `LSTM_FUSED_CUDA=1 pip install --no-build-isolation --force-reinstall --no-deps .`"
+        )
+    return device_type
+
+
 def _cast_to_autocast_dtype(tensors, device_type):
     """What autocast does to an op on its lower-precision list: every floating tensor but float64
     in the autocast dtype. lstm is on the list on the CPU and on CUDA, lstm_cell only on CUDA."""
@@ -94,12 +105,7 @@ def lstm_cell(
     hidden state, or None for zeros. With ``return_gates=True`` returns ``(h_1, c_1, gates)`` where
     gates is an :class:`LSTMGates` of the activated i, f, g, o."""
     input, h_0, c_0, batched = prepare_cell_args(input, hx, weight_hh.shape[-1])
-    device_type = input.device.type
-    if device_type == "cuda" and not BUILD_INFO.WITH_CUDA:
-        raise RuntimeError(
-            "lstm_fused was built without its CUDA kernels (no CUDA toolkit or CPU-only torch at build time); "
-            "rebuild with `LSTM_FUSED_CUDA=1 pip install --no-build-isolation --force-reinstall --no-deps .`"
-        )
+    device_type = _kernel_device_type(input)
     args = _autocast_cell([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], device_type)
     h_1, c_1, gates = ops.cell_forward(*args)
     if not batched:
@@ -135,7 +141,7 @@ def lstm_layers(
     gates [rows, 4 * hidden_size] activated, i f g o)."""
     num_directions = 2 if bidirectional else 1
     num_layers = len(weights) // num_directions
-    device_type = data.device.type
+    device_type = _kernel_device_type(data)
     layer_input = data
     h_n, c_n, states = [], [], []
     for layer in range(num_layers):
