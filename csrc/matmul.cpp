@@ -14,8 +14,13 @@ namespace {
 // [8,256]x[256,1024] (145 us against 15 us saved each), 25 at [16,128]x[128,512].
 constexpr int64_t kUsesWorthReordering = 32;
 // One thread: [8,128]x[128,512] (0.5M) takes 14.5 us with MKL, 18 with oneDNN; at 1M they tie,
-// [8,256]x[256,1024] (2M) takes 59 against 47 (33 with a reordered weight).
-constexpr int64_t kMultiplyAddsWorthOnednn = int64_t{1} << 20;
+// [8,256]x[256,1024] (2M) takes 59 against 47 (33 with a reordered weight): a weight reordered once
+// for many products pays from 1M multiply-adds on.
+constexpr int64_t kMultiplyAddsWorthReorderedOnednn = int64_t{1} << 20;
+// Two threads, a whole cell step with its products in plain layout (forward and backward): at 1-2M
+// multiply-adds a product oneDNN still lost to MKL by 10-50% (B=64 H=64, B=8 H=256), at 4M they
+// tie, above that oneDNN wins by up to 2x.
+constexpr int64_t kMultiplyAddsWorthOnednn = int64_t{1} << 22;
 
 using LinearPointwiseFn = at::Tensor(
     const at::Tensor&,
@@ -53,12 +58,12 @@ const std::optional<c10::TypedOperatorHandle<ReorderLinearWeightFn>>& onednn_reo
 
 // Whether `rows` rows times weight^T (weight [features, inner], of the input's dtype and device, or
 // already reordered, which only oneDNN reads) go to oneDNN.
-bool uses_onednn(int64_t rows, const at::Tensor& weight) {
+bool uses_onednn(int64_t rows, const at::Tensor& weight, int64_t threshold = kMultiplyAddsWorthOnednn) {
   if (weight.is_mkldnn()) {
     return true;
   }
   return weight.device().is_cpu() && weight.scalar_type() == at::kFloat &&
-      rows * weight.size(0) * weight.size(1) >= kMultiplyAddsWorthOnednn && at::globalContext().userEnabledMkldnn() &&
+      rows * weight.size(0) * weight.size(1) >= threshold && at::globalContext().userEnabledMkldnn() &&
       onednn_linear_op().has_value();
 }
 
