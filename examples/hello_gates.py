@@ -109,7 +109,7 @@ def save_plot(path, input_chars, rows):
     figure, axes = plt.subplots(2, 3, figsize=(10, 6), sharey=True)
     for axis, (title, key, colormap, (low, high)) in zip(axes.flat, panels):
         values = torch.stack([row[key] for row in rows], dim=1)  # (unit, time)
-        image = axis.imshow(values, aspect="auto", cmap=colormap, vmin=low, vmax=high, interpolation="nearest")
+        image = axis.imshow(values.numpy(), aspect="auto", cmap=colormap, vmin=low, vmax=high, interpolation="nearest")
         axis.set_title(title, fontsize=10)
         axis.set_xticks(range(len(input_chars)), [f"'{char}'" for char in input_chars])
         axis.set_ylabel("unit")

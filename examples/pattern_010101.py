@@ -117,12 +117,12 @@ def save_plot(path, inputs, hidden_states, gates, probability_of_one):
         ("output gate o", gates.output, "viridis", (0, 1)),
     ]
     figure, axes = plt.subplots(len(panels) + 1, 1, figsize=(8, 12), sharex=True)
-    axes[0].plot(inputs, "k.-", label="input x")
-    axes[0].plot(probability_of_one, "C3o-", label="P(output = 1)")
+    axes[0].plot(inputs.numpy(), "k.-", label="input x")
+    axes[0].plot(probability_of_one.numpy(), "C3o-", label="P(output = 1)")
     axes[0].legend(loc="upper right", fontsize=8)
     axes[0].set_title("One test sequence: noise in, 1 0 1 0 ... out")
     for axis, (title, values, colormap, (low, high)) in zip(axes[1:], panels):
-        image = axis.imshow(values.T, aspect="auto", cmap=colormap, vmin=low, vmax=high, interpolation="nearest")
+        image = axis.imshow(values.T.numpy(), aspect="auto", cmap=colormap, vmin=low, vmax=high, interpolation="nearest")
         axis.set_ylabel("unit")
         axis.set_title(title, fontsize=9)
         figure.colorbar(image, ax=axis, fraction=0.03)

@@ -131,7 +131,7 @@ def save_plot(path, points, directions, trace):
     for column, example in enumerate(examples):
         path_axis = axes[0, column]
         xy = points[:, example]
-        path_axis.plot(xy[:, 0], xy[:, 1], "k-", alpha=0.4)
+        path_axis.plot(xy[:, 0].numpy(), xy[:, 1].numpy(), "k-", alpha=0.4)
         for step, (x, y) in enumerate(xy.tolist()):
             path_axis.annotate(str(step), (x, y), color="C3", ha="center", va="center", fontsize=12)
         path_axis.set_aspect("equal")
@@ -139,7 +139,7 @@ def save_plot(path, points, directions, trace):
         path_axis.set_title(f"{DIRECTION_NAMES[directions[example]]} (test square {example})", fontsize=10)
         for axis, (title, field, colormap, (low, high)) in zip(axes[1:, column], gate_panels):
             values = torch.stack([getattr(gates, field)[example] for _, _, gates in trace], dim=1)
-            image = axis.imshow(values, aspect="auto", cmap=colormap, vmin=low, vmax=high, interpolation="nearest")
+            image = axis.imshow(values.numpy(), aspect="auto", cmap=colormap, vmin=low, vmax=high, interpolation="nearest")
             axis.set_title(title, fontsize=9)
             axis.set_ylabel("unit")
             axis.set_xticks(range(len(trace)))
