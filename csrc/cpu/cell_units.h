@@ -117,6 +117,20 @@ int64_t backward_units(
   return j;
 }
 
+// The backward loop for the incoming gradients that are present, chosen once per call.
+template <typename Lanes>
+using BackwardUnits = decltype(&backward_units<Lanes, false, false, false>);
+
+template <typename Lanes>
+BackwardUnits<Lanes> backward_units_for(bool has_grad_hidden, bool has_grad_cell, bool has_grad_gates) {
+  static constexpr BackwardUnits<Lanes> variants[8] = {
+      backward_units<Lanes, false, false, false>, backward_units<Lanes, false, false, true>,
+      backward_units<Lanes, false, true, false>,  backward_units<Lanes, false, true, true>,
+      backward_units<Lanes, true, false, false>,  backward_units<Lanes, true, false, true>,
+      backward_units<Lanes, true, true, false>,   backward_units<Lanes, true, true, true>};
+  return variants[(has_grad_hidden ? 4 : 0) + (has_grad_cell ? 2 : 0) + (has_grad_gates ? 1 : 0)];
+}
+
 // The 8-lane AVX2 loops for float (cell_units_avx2.cpp); they return how far they got, and
 // return `first` untouched on a CPU without AVX2 and FMA.
 bool have_avx2();

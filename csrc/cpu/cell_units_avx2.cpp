@@ -44,22 +44,6 @@ struct Float8Lanes {
   static void store(float* p, value v) { _mm256_storeu_ps(p, v.v); }
 };
 
-template <bool kHasGradHidden, bool kHasGradCell, bool kHasGradGates>
-int64_t backward_variant(
-    GateRows<const float> gates,
-    GateRows<const float> grad_gates,
-    const float* cell_prev,
-    const float* cell_next,
-    const float* grad_hidden,
-    const float* grad_cell,
-    GateRows<float> grad_preactivation,
-    float* grad_cell_prev,
-    int64_t first,
-    int64_t end) {
-  return backward_units<Float8Lanes, kHasGradHidden, kHasGradCell, kHasGradGates>(
-      gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
-}
-
 }  // namespace
 
 bool have_avx2() {
@@ -97,15 +81,8 @@ int64_t backward_units_avx2(
   if (!have_avx2()) {
     return first;
   }
-  using Variant = decltype(&backward_variant<false, false, false>);
-  static constexpr Variant variants[8] = {
-      backward_variant<false, false, false>, backward_variant<false, false, true>,
-      backward_variant<false, true, false>,  backward_variant<false, true, true>,
-      backward_variant<true, false, false>,  backward_variant<true, false, true>,
-      backward_variant<true, true, false>,   backward_variant<true, true, true>};
-  const int variant = (grad_hidden ? 4 : 0) + (grad_cell ? 2 : 0) + (grad_gates.input ? 1 : 0);
-  return variants[variant](
-      gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
+  const auto loop = backward_units_for<Float8Lanes>(grad_hidden != nullptr, grad_cell != nullptr, grad_gates.input != nullptr);
+  return loop(gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
 }
 
 }  // namespace cpu

@@ -182,14 +182,8 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
     scalar_t* grad_pre_data = grad_preactivation.data_ptr<scalar_t>();
     scalar_t* grad_cx_data = grad_cx.data_ptr<scalar_t>();
     using Lanes = cpu::ScalarLanes<scalar_t, at::opmath_type<scalar_t>>;
-    using Variant = decltype(&cpu::backward_units<Lanes, false, false, false>);
-    static constexpr Variant variants[8] = {
-        cpu::backward_units<Lanes, false, false, false>, cpu::backward_units<Lanes, false, false, true>,
-        cpu::backward_units<Lanes, false, true, false>,  cpu::backward_units<Lanes, false, true, true>,
-        cpu::backward_units<Lanes, true, false, false>,  cpu::backward_units<Lanes, true, false, true>,
-        cpu::backward_units<Lanes, true, true, false>,   cpu::backward_units<Lanes, true, true, true>};
-    const Variant scalar_loop =
-        variants[(grad_hy_data ? 4 : 0) + (grad_cy_data ? 2 : 0) + (grad_gates_data ? 1 : 0)];
+    const auto scalar_loop = cpu::backward_units_for<Lanes>(
+        grad_hy_data != nullptr, grad_cy_data != nullptr, grad_gates_data != nullptr);
     for_each_unit_range(batch, hidden_size, [&](int64_t row, int64_t first, int64_t last) {
       const int64_t gate_offset = row * 4 * hidden_size;
       const int64_t offset = row * hidden_size;
