@@ -622,19 +622,23 @@ def cpu_model() -> str:
 
 
 def git_commit() -> Optional[Dict[str, object]]:
-    """The commit of the checkout this script runs from (None when it is not in one), and whether
-    the checkout has uncommitted changes: figures from a dirty tree are not the commit's."""
+    """The commit of the lstm_fused checkout this script runs from (None when it is not in one),
+    and whether the checkout has uncommitted changes: figures from a dirty tree are not the
+    commit's. A git repository that is not lstm_fused's (site-packages inside a pyenv checkout, say)
+    does not count."""
     places = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(sys.argv[0]))]
     for place in dict.fromkeys(places):
         try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=place, capture_output=True, text=True, timeout=10
+            top = subprocess.run(
+                ["git", "rev-parse", "--show-toplevel"], cwd=place, capture_output=True, text=True, timeout=10
             )
-            if commit.returncode != 0:
+            root = top.stdout.strip()
+            if top.returncode != 0 or not os.path.isdir(os.path.join(root, "csrc")):
                 continue
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=place, capture_output=True, text=True, timeout=10,
+                cwd=root, capture_output=True, text=True, timeout=10,
             )
             return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
         except (OSError, subprocess.SubprocessError):
