@@ -63,6 +63,7 @@ def extension():
         "csrc/matmul.cpp",
         "csrc/cpu/lstm_cell.cpp",
         "csrc/cpu/cell_units_avx2.cpp",
+        "csrc/cpu/small_batch_avx2.cpp",
     ]
     # -fopenmp: without it at::parallel_for compiles to a serial loop. -g0 keeps the .so small.
     cxx_flags = ["-O3", "-g0", "-fopenmp"]

@@ -273,12 +273,10 @@ std::tuple<at::Tensor, at::Tensor> dispatch_cell_gate_grads(
   return op.call(grad_hy, grad_cy, grad_gates, cx, cy, gates);
 }
 
-namespace {
-
-// The matrix products of the backward, identical on every device (ATen picks MKL/OpenBLAS or
-// cuBLAS); only the pointwise gate gradients are device kernels. output_mask says which of
-// (input, hx, cx, weight_ih, weight_hh, bias) autograd wants; the others come back empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward(
+// The matrix products of the backward through matmul.h (oneDNN, MKL/OpenBLAS or cuBLAS); only the
+// pointwise gate gradients are device kernels. output_mask says which of (input, hx, cx,
+// weight_ih, weight_hh, bias) autograd wants; the others come back empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward_composite(
     const std::optional<at::Tensor>& grad_hy,
     const std::optional<at::Tensor>& grad_cy,
     const std::optional<at::Tensor>& grad_gates,
@@ -320,8 +318,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
 }
 
-}  // namespace
-
 TORCH_LIBRARY(lstm_fused, m) {
   // One step: h1, c1 and the activated gates [batch, 4 * hidden] (i, f, g, o), which backward
   // reuses and gate introspection returns.
@@ -361,8 +357,9 @@ TORCH_LIBRARY(lstm_fused, m) {
   m.def("_set_poison_outputs(bool enabled) -> bool", &set_poison_outputs);
 }
 
-TORCH_LIBRARY_IMPL(lstm_fused, CompositeImplicitAutograd, m) {
-  m.impl("cell_backward", &cell_backward);
+// Every device but the CPU, which has its own kernel for small batches (csrc/cpu/lstm_cell.cpp).
+TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
+  m.impl("cell_backward", &cell_backward_composite);
 }
 
 }  // namespace lstm_fused

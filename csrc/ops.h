@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <tuple>
 #include <vector>
 
@@ -69,5 +70,20 @@ std::tuple<at::Tensor, at::Tensor> dispatch_cell_gate_grads(
     const at::Tensor& cx,
     const at::Tensor& cy,
     const at::Tensor& gates);
+
+// cell_backward from device ops and library products alone: the kernel of every device but the
+// CPU, and the CPU's above the small-batch path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward_composite(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    std::array<bool, 6> output_mask);
 
 }  // namespace lstm_fused

@@ -1,17 +1,21 @@
 // One LSTM layer, one direction, over a whole sequence: the forward loop and backpropagation
 // through time, in C++ so that no Python runs per step.
 //
-// Built only from dispatcher calls (matrix products through matmul.h, the cell's cell_pointwise_
-// and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop drives the CPU
-// kernels and the CUDA ones. Its autograd is csrc/autograd.cpp's SequenceFunction.
+// The loop is built from dispatcher calls (matrix products through matmul.h, the cell's
+// cell_pointwise_ and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop
+// drives the CPU kernels and the CUDA ones. On the CPU, float32 batches of at most 16 go instead to
+// cpu/small_batch.h's fused recurrence, where a step makes no library call. The autograd is
+// csrc/autograd.cpp's SequenceFunction.
 //
 // Layout: PackedSequence's. Every step's rows are stacked in one [sum(batch_sizes), ...] tensor,
 // sequences sorted longest first, so step t holds sequences [0, batch_sizes[t]) and each step's rows
 // are a prefix of the previous step's. A padded [T, B, ...] batch is the case of equal batch sizes.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "cpu/small_batch.h"
 #include "matmul.h"
 #include "ops.h"
 
@@ -19,14 +23,7 @@ namespace lstm_fused {
 namespace {
 
 // One time step, as the recurrence visits it (last step first when reverse).
-struct Step {
-  int64_t offset;           // its first row in the packed tensors
-  int64_t batch;            // its rows: the sequences still running at this step
-  int64_t carried;          // rows [0, carried) continue from the step visited before; rows
-                            // [carried, batch) begin here, from the initial state hx, cx
-  int64_t previous_offset;  // first row of the step visited before (meaningful when carried > 0)
-  int64_t ending;           // rows [ending, batch) end here: their state is the final h_n, c_n
-};
+using Step = cpu::RecurrenceStep;
 
 std::vector<Step> visiting_order(const std::vector<int64_t>& batch_sizes, bool reverse) {
   const int64_t num_steps = static_cast<int64_t>(batch_sizes.size());
@@ -123,6 +120,15 @@ at::Tensor previous_hidden_states(const at::Tensor& output, const at::Tensor& hx
   return gather.finish();
 }
 
+bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
+  return input.device().is_cpu() && input.scalar_type() == at::kFloat &&
+      hx.size(0) <= cpu::small_batch::kMaxBatch && cpu::small_batch::available();
+}
+
+int small_batch_threads(int64_t batch, int64_t hidden_size) {
+  return cpu::small_batch::threads_for(batch * 4 * hidden_size * hidden_size, at::get_num_threads());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward(
     const at::Tensor& input,
     const at::Tensor& batch_sizes,
@@ -150,8 +156,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   at::Tensor hy = new_output({batch, hidden_size}, options);
   at::Tensor cy = new_output({batch, hidden_size}, options);
 
+  const std::vector<Step> steps = visiting_order(sizes, reverse);
+  if (takes_small_batch_path(input, hx)) {
+    const at::Tensor weight_hh_c = weight_hh.contiguous(), weight_hh_t = weight_hh.t().contiguous();
+    const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
+    const at::Tensor bias_hh_c = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+    gates = gates.contiguous();
+    cpu::small_batch::sequence_forward(
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, weight_hh_c.const_data_ptr<float>(),
+         weight_hh_t.const_data_ptr<float>(), bias_hh_c.defined() ? bias_hh_c.const_data_ptr<float>() : nullptr, hx_c.const_data_ptr<float>(),
+         cx_c.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(),
+         cell_states.mutable_data_ptr<float>(), hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
+        small_batch_threads(batch, hidden_size));
+    return {output, hy, cy, cell_states, gates};
+  }
+
   const at::Tensor recurrent_weight = prepare_repeated_weight(weight_hh, batch, static_cast<int64_t>(sizes.size()));
-  for (const Step& step : visiting_order(sizes, reverse)) {
+  for (const Step& step : steps) {
     at::Tensor step_gates = gates.narrow(0, step.offset, step.batch);
     at::Tensor step_hidden = output.narrow(0, step.offset, step.batch);
     at::Tensor step_cell = cell_states.narrow(0, step.offset, step.batch);
@@ -164,6 +185,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
     }
   }
   return {output, hy, cy, cell_states, gates};
+}
+
+// The backward loop from dispatcher calls, for every device and dtype: per step, the pointwise gate
+// gradients and one product with weight_hh.
+void loop_backward(
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_cell_states,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_hh,
+    const at::Tensor& cell_states,
+    const at::Tensor& gates,
+    const std::vector<Step>& steps,
+    bool keep_gate_grads,
+    at::Tensor& grad_preactivations,
+    at::Tensor& grad_hx,
+    at::Tensor& grad_cx) {
+  const int64_t batch = hx.size(0);
+  const int64_t hidden_size = weight_hh.size(1);
+  const auto options = hx.options();
+  // The gradient reaching each running sequence's h and c at the step being visited: from the
+  // step after it (through the recurrence), from output and cell_states, and at a sequence's last
+  // step from h_n, c_n.
+  at::Tensor grad_hidden = new_output({batch, hidden_size}, options);
+  at::Tensor grad_cell = new_output({batch, hidden_size}, options);
+
+  // h_prev's gradient is G @ weight_hh: linear's weight^T is weight_hh.t(), a strided view.
+  const at::Tensor weight_hh_t = weight_hh.t();
+  for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
+    const Step& step = *step_it;
+    const int64_t ending_rows = step.batch - step.ending;
+    if (ending_rows > 0) {
+      at::Tensor hidden_rows = grad_hidden.narrow(0, step.ending, ending_rows);
+      at::Tensor cell_rows = grad_cell.narrow(0, step.ending, ending_rows);
+      grad_hy.has_value() ? hidden_rows.copy_(grad_hy->narrow(0, step.ending, ending_rows)) : hidden_rows.zero_();
+      grad_cy.has_value() ? cell_rows.copy_(grad_cy->narrow(0, step.ending, ending_rows)) : cell_rows.zero_();
+    }
+    at::Tensor step_grad_hidden = grad_hidden.narrow(0, 0, step.batch);
+    at::Tensor step_grad_cell = grad_cell.narrow(0, 0, step.batch);
+    if (grad_output.has_value()) {
+      step_grad_hidden.add_(grad_output->narrow(0, step.offset, step.batch));
+    }
+    if (grad_cell_states.has_value()) {
+      step_grad_cell.add_(grad_cell_states->narrow(0, step.offset, step.batch));
+    }
+    const std::optional<at::Tensor> step_grad_gates =
+        grad_gates.has_value() ? std::optional<at::Tensor>(grad_gates->narrow(0, step.offset, step.batch)) : std::nullopt;
+    auto [grad_preactivation, grad_cell_prev] = dispatch_cell_gate_grads(
+        step_grad_hidden,
+        step_grad_cell,
+        step_grad_gates,
+        previous_rows(cell_states, cx, step),
+        cell_states.narrow(0, step.offset, step.batch),
+        gates.narrow(0, step.offset, step.batch));
+    if (keep_gate_grads) {
+      grad_preactivations.narrow(0, step.offset, step.batch).copy_(grad_preactivation);
+    }
+    // Now the gradient of the states this step started from: what the previous visited step gets.
+    linear_product_into(step_grad_hidden, grad_preactivation, weight_hh_t, /*accumulate=*/false);
+    step_grad_cell.copy_(grad_cell_prev);
+    const int64_t starting_rows = step.batch - step.carried;
+    if (starting_rows > 0) {
+      grad_hx.narrow(0, step.carried, starting_rows).copy_(step_grad_hidden.narrow(0, step.carried, starting_rows));
+      grad_cx.narrow(0, step.carried, starting_rows).copy_(step_grad_cell.narrow(0, step.carried, starting_rows));
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_backward(
@@ -206,57 +296,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         "lstm_fused: ", name, " must have shape ", hx.sizes(), ", got ", grad->sizes());
   }
 
-  // The gradient reaching each running sequence's h and c at the step being visited: from the
-  // step after it (through the recurrence), from output and cell_states, and at a sequence's last
-  // step from h_n, c_n.
-  at::Tensor grad_hidden = new_output({batch, hidden_size}, options);
-  at::Tensor grad_cell = new_output({batch, hidden_size}, options);
   at::Tensor grad_hx = new_output({batch, hidden_size}, options);
   at::Tensor grad_cx = new_output({batch, hidden_size}, options);
   // Every step's gate pre-activation gradients, kept for the products over all steps at the end.
   const bool keep_gate_grads = output_mask[0] || output_mask[3] || output_mask[4] || output_mask[5];
-  at::Tensor grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
-
-  // h_prev's gradient is G @ weight_hh: linear's weight^T is weight_hh.t(), a strided view.
-  const at::Tensor weight_hh_t = weight_hh.t();
+  at::Tensor grad_preactivations;
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
-    const Step& step = *step_it;
-    const int64_t ending_rows = step.batch - step.ending;
-    if (ending_rows > 0) {
-      at::Tensor hidden_rows = grad_hidden.narrow(0, step.ending, ending_rows);
-      at::Tensor cell_rows = grad_cell.narrow(0, step.ending, ending_rows);
-      grad_hy.has_value() ? hidden_rows.copy_(grad_hy->narrow(0, step.ending, ending_rows)) : hidden_rows.zero_();
-      grad_cy.has_value() ? cell_rows.copy_(grad_cy->narrow(0, step.ending, ending_rows)) : cell_rows.zero_();
-    }
-    at::Tensor step_grad_hidden = grad_hidden.narrow(0, 0, step.batch);
-    at::Tensor step_grad_cell = grad_cell.narrow(0, 0, step.batch);
-    if (grad_output.has_value()) {
-      step_grad_hidden.add_(grad_output->narrow(0, step.offset, step.batch));
-    }
-    if (grad_cell_states.has_value()) {
-      step_grad_cell.add_(grad_cell_states->narrow(0, step.offset, step.batch));
-    }
-    const std::optional<at::Tensor> step_grad_gates =
-        grad_gates.has_value() ? std::optional<at::Tensor>(grad_gates->narrow(0, step.offset, step.batch)) : std::nullopt;
-    auto [grad_preactivation, grad_cell_prev] = dispatch_cell_gate_grads(
-        step_grad_hidden,
-        step_grad_cell,
-        step_grad_gates,
-        previous_rows(cell_states, cx, step),
-        cell_states.narrow(0, step.offset, step.batch),
-        gates.narrow(0, step.offset, step.batch));
-    if (keep_gate_grads) {
-      grad_preactivations.narrow(0, step.offset, step.batch).copy_(grad_preactivation);
-    }
-    // Now the gradient of the states this step started from: what the previous visited step gets.
-    linear_product_into(step_grad_hidden, grad_preactivation, weight_hh_t, /*accumulate=*/false);
-    step_grad_cell.copy_(grad_cell_prev);
-    const int64_t starting_rows = step.batch - step.carried;
-    if (starting_rows > 0) {
-      grad_hx.narrow(0, step.carried, starting_rows).copy_(step_grad_hidden.narrow(0, step.carried, starting_rows));
-      grad_cx.narrow(0, step.carried, starting_rows).copy_(step_grad_cell.narrow(0, step.carried, starting_rows));
-    }
+  if (takes_small_batch_path(input, hx)) {
+    // The fused recurrence writes every step's gate gradients whether or not they are kept.
+    grad_preactivations = new_output({total_rows, 4 * hidden_size}, options);
+    const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? t->contiguous() : at::Tensor();
+    };
+    const auto data_or_null = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
+    const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);
+    const at::Tensor grad_cell_states_c = contiguous_or_undefined(grad_cell_states);
+    const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
+    const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy);
+    const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
+    const at::Tensor weight_hh_c = weight_hh.contiguous(), weight_hh_t = weight_hh.t().contiguous();
+    const at::Tensor cx_c = cx.contiguous();
+    const at::Tensor cell_states_c = cell_states.contiguous(), gates_c = gates.contiguous();
+    at::Tensor grad_hidden = at::empty({batch, hidden_size}, options);
+    at::Tensor grad_cell = at::empty({batch, hidden_size}, options);
+    cpu::small_batch::sequence_backward(
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, weight_hh_c.const_data_ptr<float>(),
+         weight_hh_t.const_data_ptr<float>(), cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
+         data_or_null(grad_output_c), data_or_null(grad_cell_states_c), data_or_null(grad_gates_c),
+         data_or_null(grad_hy_c), data_or_null(grad_cy_c), grad_preactivations.mutable_data_ptr<float>(),
+         grad_hx.mutable_data_ptr<float>(), grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(),
+         grad_cell.mutable_data_ptr<float>()},
+        small_batch_threads(batch, hidden_size));
+  } else {
+    grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
+    loop_backward(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, hx, cx, weight_hh, cell_states, gates,
+                  steps, keep_gate_grads, grad_preactivations, grad_hx, grad_cx);
   }
 
   // The products over all steps at once: one large GEMM each instead of T small ones.

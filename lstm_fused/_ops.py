@@ -76,3 +76,9 @@ def _sequence_backward_fake(
 ):
     wanted = zip(output_mask, (input, hx, cx, weight_ih, weight_hh, weight_hh[:, 0]))
     return tuple(input.new_empty(like.shape) if want else input.new_empty(0) for want, like in wanted)
+
+
+@torch.library.register_fake("lstm_fused::cell_backward")
+def _cell_backward_fake(grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask):
+    wanted = zip(output_mask, (input, hx, cx, weight_ih, weight_hh, weight_hh[:, 0]))
+    return tuple(input.new_empty(like.shape) if want else input.new_empty(0) for want, like in wanted)

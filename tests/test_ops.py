@@ -101,10 +101,12 @@ def test_opcheck_cell_gate_grads(helpers, present):
 @pytest.mark.parametrize(
     "present", [(True, True, False), (True, False, True), (False, True, False)], ids=["hc", "hg", "c"]
 )
-def test_opcheck_cell_backward(helpers, present, output_mask):
-    input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh = forward_args(helpers, 3, 5, 4, torch.float64)
+# float32 at this batch is the CPU's small-batch kernel (csrc/cpu/small_batch.h), float64 the composite one.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_opcheck_cell_backward(helpers, present, output_mask, dtype):
+    input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh = forward_args(helpers, 3, 5, 4, dtype)
     _, cy, gates = ops.cell_forward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
-    grads = gate_grads_args(helpers, 3, 4, torch.float64, present)[:3]
+    grads = gate_grads_args(helpers, 3, 4, dtype, present)[:3]
     args = [*grads, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask]
     torch.library.opcheck(ops.cell_backward.default, args)
 

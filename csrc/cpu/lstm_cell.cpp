@@ -1,4 +1,5 @@
-// CPU kernels of the LSTM cell: two BLAS products into one gate buffer, then one parallel
+// CPU kernels of the LSTM cell. Float32 at batch <= 16 on an AVX2 CPU: small_batch.h's fused loops,
+// no library call. Otherwise: two library products into one gate buffer, then one parallel
 // pointwise pass (cell_units.h) that applies the cell math of lstm_cell_math.h in place.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -10,12 +11,31 @@
 #include "../matmul.h"
 #include "../ops.h"
 #include "cell_units.h"
+#include "small_batch.h"
 
 namespace lstm_fused {
 namespace {
 
 using cpu::gate_rows;
 using cpu::GateRows;
+namespace small_batch = cpu::small_batch;
+
+bool takes_small_batch_path(const at::Tensor& input) {
+  return input.scalar_type() == at::kFloat && input.size(0) <= small_batch::kMaxBatch && small_batch::available();
+}
+
+const float* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
+float* mutable_data_or_null(at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
+}
+
+// The contiguous tensor, or an undefined one for an absent optional.
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
 
 // A few ns of transcendental math per hidden unit: chunks of this many units keep the threads'
 // start-up cost (a few microseconds) small against their work.
@@ -129,8 +149,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
   check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t batch = input.size(0);
+  const int64_t input_size = input.size(1);
   const int64_t hidden_size = weight_hh.size(1);
   const auto options = input.options();
+
+  if (takes_small_batch_path(input)) {
+    const at::Tensor input_c = input.contiguous(), hx_c = hx.contiguous(), cx_c = cx.contiguous();
+    const at::Tensor weight_ih_c = weight_ih.contiguous(), weight_hh_c = weight_hh.contiguous();
+    const at::Tensor bias_ih_c = contiguous_or_undefined(bias_ih), bias_hh_c = contiguous_or_undefined(bias_hh);
+    at::Tensor gates = new_output({batch, 4 * hidden_size}, options);
+    at::Tensor hy = new_output({batch, hidden_size}, options);
+    at::Tensor cy = new_output({batch, hidden_size}, options);
+    small_batch::cell_forward(
+        {batch, input_size, hidden_size, input_c.const_data_ptr<float>(), hx_c.const_data_ptr<float>(),
+         cx_c.const_data_ptr<float>(), weight_ih_c.const_data_ptr<float>(), weight_hh_c.const_data_ptr<float>(),
+         data_or_null(bias_ih_c), data_or_null(bias_hh_c), gates.mutable_data_ptr<float>(),
+         hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
+        small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads()));
+    return {hy, cy, gates};
+  }
 
   // Both products accumulate into one [batch, 4 * hidden] buffer: no per-gate products, no chunk
   // or cat copies. bias_ih rides on the first product; bias_hh is added in the pointwise pass.
@@ -159,9 +196,6 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
   at::Tensor grad_cx = new_output({batch, hidden_size}, options);
 
   // Gradients autograd leaves out (an output that was not used) read as zero.
-  const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? t->contiguous() : at::Tensor();
-  };
   const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy);
   const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
   const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
@@ -202,12 +236,56 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
   return {grad_preactivation, grad_cx};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward_cpu(
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_gates,
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& cy,
+    const at::Tensor& gates,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    std::array<bool, 6> output_mask) {
+  check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
+  if (!takes_small_batch_path(input)) {
+    return cell_backward_composite(
+        grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask);
+  }
+  auto [grad_preactivation, grad_cx] = cell_gate_grads_cpu(grad_hy, grad_cy, grad_gates, cx, cy, gates);
+  const int64_t batch = input.size(0);
+  const int64_t input_size = input.size(1);
+  const int64_t hidden_size = weight_hh.size(1);
+  const auto options = input.options();
+  const auto output_if = [&](bool wanted, std::initializer_list<int64_t> sizes) {
+    return wanted ? new_output(sizes, options) : at::Tensor();
+  };
+  at::Tensor grad_input = output_if(output_mask[0], {batch, input_size});
+  at::Tensor grad_hx = output_if(output_mask[1], {batch, hidden_size});
+  at::Tensor grad_weight_ih = output_if(output_mask[3], {4 * hidden_size, input_size});
+  at::Tensor grad_weight_hh = output_if(output_mask[4], {4 * hidden_size, hidden_size});
+  at::Tensor grad_bias = output_if(output_mask[5], {4 * hidden_size});
+  const at::Tensor input_c = input.contiguous(), hx_c = hx.contiguous();
+  const at::Tensor weight_ih_c = weight_ih.contiguous(), weight_hh_c = weight_hh.contiguous();
+  small_batch::cell_backward_products(
+      {batch, input_size, hidden_size, grad_preactivation.const_data_ptr<float>(), input_c.const_data_ptr<float>(),
+       hx_c.const_data_ptr<float>(), weight_ih_c.const_data_ptr<float>(), weight_hh_c.const_data_ptr<float>(),
+       mutable_data_or_null(grad_input), mutable_data_or_null(grad_hx), mutable_data_or_null(grad_weight_ih),
+       mutable_data_or_null(grad_weight_hh), mutable_data_or_null(grad_bias)},
+      small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads()));
+  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, options); };
+  return {or_empty(grad_input), or_empty(grad_hx), output_mask[2] ? grad_cx : at::empty({0}, options),
+          or_empty(grad_weight_ih), or_empty(grad_weight_hh), or_empty(grad_bias)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("cell_forward", &cell_forward_cpu);
   m.impl("cell_pointwise_", &cell_pointwise_cpu);
   m.impl("cell_gate_grads", &cell_gate_grads_cpu);
+  m.impl("cell_backward", &cell_backward_cpu);
 }
 
 }  // namespace lstm_fused

@@ -1,0 +1,129 @@
+// The float32 path for small batches on CPUs with AVX2: a step's matrix products as hand-written
+// loops over the weights, fused with the pointwise cell math, threads kept across a whole sequence.
+//
+// Why: at batch 1-16 a step's products are matrix-vector work of microseconds, and each library
+// call (ATen dispatch, MKL or oneDNN set-up, a fresh output) costs as much again; a cell step made
+// of ten such calls spends most of its time outside arithmetic, and a sequence pays it every step.
+// Here a step is one parallel region: each thread owns a range of hidden units (all four gate rows
+// of each), reads only its slice of the weights, and crosses one barrier per time step.
+//
+// Raw pointers, contiguous row-major tensors, no ATen: the callers (lstm_cell.cpp, sequence.cpp)
+// check the arguments and allocate; small_batch_avx2.cpp holds the loops.
+#pragma once
+
+#include <cstdint>
+
+namespace lstm_fused {
+namespace cpu {
+
+// One time step of a packed sequence as the recurrence visits it (last step first when reverse):
+// rows [offset, offset + batch) of the packed tensors; rows [0, carried) continue from the step
+// visited before (at previous_offset), rows [carried, batch) start from the initial state, rows
+// [ending, batch) end here (their state is the final one).
+struct RecurrenceStep {
+  int64_t offset;
+  int64_t batch;
+  int64_t carried;
+  int64_t previous_offset;
+  int64_t ending;
+};
+
+namespace small_batch {
+
+// The largest batch the path takes: above it the library's blocked GEMMs win.
+constexpr int64_t kMaxBatch = 16;
+
+// Whether this CPU runs the path (AVX2 and FMA).
+bool available();
+
+// How many threads, of at most max_threads, a step of this many multiply-adds is worth: below
+// tens of thousands, waking a second thread costs more than it saves.
+int threads_for(int64_t multiply_adds, int max_threads);
+
+// One cell step, forward: gates [batch, 4 * hidden] receives the activated gates (i, f, g, o).
+struct CellForward {
+  int64_t batch;
+  int64_t input_size;
+  int64_t hidden_size;
+  const float* input;
+  const float* hx;
+  const float* cx;
+  const float* weight_ih;
+  const float* weight_hh;
+  const float* bias_ih;  // either bias may be null
+  const float* bias_hh;
+  float* gates;
+  float* hy;
+  float* cy;
+};
+void cell_forward(const CellForward& args, int threads);
+
+// One cell step's backward products, from the gate pre-activation gradients: grad_input = G W_ih,
+// grad_hx = G W_hh, grad_weight_ih = G^T input, grad_weight_hh = G^T hx, grad_bias = the column
+// sums of G. An output left null is not computed.
+struct CellBackwardProducts {
+  int64_t batch;
+  int64_t input_size;
+  int64_t hidden_size;
+  const float* grad_preactivation;
+  const float* input;
+  const float* hx;
+  const float* weight_ih;
+  const float* weight_hh;
+  float* grad_input;
+  float* grad_hx;
+  float* grad_weight_ih;
+  float* grad_weight_hh;
+  float* grad_bias;
+};
+void cell_backward_products(const CellBackwardProducts& args, int threads);
+
+// The recurrence of one layer in one direction: on entry gates holds every row's input projection
+// (bias_ih included), on return the activated gates; output and cell_states get every row's h and
+// c, hy and cy each sequence's last. weight_hh_t is weight_hh transposed, [hidden, 4 * hidden]
+// contiguous: each step reads the layout its product form wants.
+struct SequenceForward {
+  const RecurrenceStep* steps;
+  int64_t num_steps;
+  int64_t hidden_size;
+  const float* weight_hh;
+  const float* weight_hh_t;
+  const float* bias_hh;  // may be null
+  const float* hx;
+  const float* cx;
+  float* gates;
+  float* output;
+  float* cell_states;
+  float* hy;
+  float* cy;
+};
+void sequence_forward(const SequenceForward& args, int threads);
+
+// Backpropagation through time of that recurrence: every row's gate pre-activation gradients, and
+// the initial states' gradients. weight_hh_t as for the forward. The incoming gradients may be
+// null (absent: zero). grad_hidden and grad_cell are scratch of [batch, hidden].
+struct SequenceBackward {
+  const RecurrenceStep* steps;
+  int64_t num_steps;
+  int64_t hidden_size;
+  const float* weight_hh;
+  const float* weight_hh_t;
+  const float* cx;
+  const float* cell_states;
+  const float* gates;
+  const float* grad_output;
+  const float* grad_cell_states;
+  const float* grad_gates;
+  const float* grad_hy;
+  const float* grad_cy;
+  float* grad_preactivations;
+  float* grad_hx;
+  float* grad_cx;
+  float* grad_hidden;
+  float* grad_cell;
+};
+void sequence_backward(const SequenceBackward& args, int threads);
+
+}  // namespace small_batch
+}  // namespace cpu
+}  // namespace lstm_fused

@@ -1,0 +1,687 @@
+// The loops of small_batch.h: three AVX2 product kernels over row-major weights, the pointwise
+// cell math of cell_units.h on 8 lanes, and the thread layout that fuses them. Compiled for
+// AVX2+FMA by the pragma and entered only after available() said yes; like cell_units_avx2.cpp it
+// includes no ATen or c10 header (see float8_avx2.h).
+#pragma GCC target("avx2,fma")
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "float8_avx2.h"
+#include "small_batch.h"
+
+namespace lstm_fused {
+namespace cpu {
+namespace small_batch {
+namespace {
+
+constexpr int64_t kLanes = 8;
+
+// Lanes [0, n) set: the mask for the last, partial vector of a row.
+__m256i lanes_below(int64_t n) {
+  const int count = static_cast<int>(std::clamp<int64_t>(n, 0, kLanes));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The four horizontal sums of a, b, c, d as one vector.
+__m128 horizontal_sums(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_hadd_ps(a, b);
+  const __m256 cd = _mm256_hadd_ps(c, d);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// --- out[b, r] = x_b . weight[r]: the forward products, dot products along contiguous weight rows ---
+
+// kRows weight rows against kBatch rows of x: every weight vector loaded once serves kBatch rows,
+// every x vector kRows; kRows * kBatch independent accumulators keep both FMA pipes busy.
+// out[b * out_stride + row + r] becomes the dot product plus, when accumulate, its old value, or
+// else plus bias[row + r] (bias may be null).
+template <int kRows, int kBatch>
+void dot_tile(
+    const float* const* x,
+    int64_t size,
+    const float* weight,
+    int64_t row,
+    float* out,
+    int64_t out_stride,
+    const float* bias,
+    bool accumulate) {
+  __m256 acc[kBatch][kRows];
+  #pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+    #pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      acc[b][r] = _mm256_setzero_ps();
+    }
+  }
+  const float* w = weight + row * size;
+  int64_t k = 0;
+  for (; k + kLanes <= size; k += kLanes) {
+    __m256 xv[kBatch];
+    #pragma GCC unroll 16
+    for (int b = 0; b < kBatch; ++b) {
+      xv[b] = _mm256_loadu_ps(x[b] + k);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + r * size + k);
+      #pragma GCC unroll 16
+      for (int b = 0; b < kBatch; ++b) {
+        acc[b][r] = _mm256_fmadd_ps(wv, xv[b], acc[b][r]);
+      }
+    }
+  }
+  if (k < size) {
+    const __m256i mask = lanes_below(size - k);
+    __m256 xv[kBatch];
+    #pragma GCC unroll 16
+    for (int b = 0; b < kBatch; ++b) {
+      xv[b] = _mm256_maskload_ps(x[b] + k, mask);
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 wv = _mm256_maskload_ps(w + r * size + k, mask);
+      #pragma GCC unroll 16
+      for (int b = 0; b < kBatch; ++b) {
+        acc[b][r] = _mm256_fmadd_ps(wv, xv[b], acc[b][r]);
+      }
+    }
+  }
+  #pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+    float sums[kRows];
+    if constexpr (kRows % 4 == 0) {
+      #pragma GCC unroll 16
+      for (int r = 0; r < kRows; r += 4) {
+        _mm_storeu_ps(sums + r, horizontal_sums(acc[b][r], acc[b][r + 1], acc[b][r + 2], acc[b][r + 3]));
+      }
+    } else {
+      #pragma GCC unroll 16
+      for (int r = 0; r < kRows; ++r) {
+        sums[r] = horizontal_sum(acc[b][r]);
+      }
+    }
+    float* o = out + b * out_stride + row;
+    #pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
+      o[r] = sums[r] + (accumulate ? o[r] : bias != nullptr ? bias[row + r] : 0.0f);
+    }
+  }
+}
+
+template <int kBatch>
+void dot_rows(
+    const float* const* x,
+    int64_t size,
+    const float* weight,
+    int64_t first_row,
+    int64_t end_row,
+    float* out,
+    int64_t out_stride,
+    const float* bias,
+    bool accumulate) {
+  int64_t row = first_row;
+  if constexpr (kBatch == 1) {
+    for (; row + 8 <= end_row; row += 8) {
+      dot_tile<8, 1>(x, size, weight, row, out, out_stride, bias, accumulate);
+    }
+  }
+  for (; row + 4 <= end_row; row += 4) {
+    dot_tile<4, kBatch>(x, size, weight, row, out, out_stride, bias, accumulate);
+  }
+  for (; row < end_row; ++row) {
+    dot_tile<1, kBatch>(x, size, weight, row, out, out_stride, bias, accumulate);
+  }
+}
+
+// out[b, r] (+)= x_b . weight[r] for weight rows [first_row, end_row) (each `size` long) and the
+// batch rows x[0 .. batch).
+void dot_products(
+    const float* const* x,
+    int64_t batch,
+    int64_t size,
+    const float* weight,
+    int64_t first_row,
+    int64_t end_row,
+    float* out,
+    int64_t out_stride,
+    const float* bias,
+    bool accumulate) {
+  int64_t b = 0;
+  for (; b + 2 <= batch; b += 2) {
+    dot_rows<2>(x + b, size, weight, first_row, end_row, out + b * out_stride, out_stride, bias, accumulate);
+  }
+  if (b < batch) {
+    dot_rows<1>(x + b, size, weight, first_row, end_row, out + b * out_stride, out_stride, bias, accumulate);
+  }
+}
+
+// --- out[b, k] = sum_r g[b, r] weight[r, k]: the backward products, weight rows scaled and summed ---
+
+// kBatch rows of g against a column block of kVectors vectors (kMasked: the last block of the
+// range, cut at end_column): each weight vector loaded once serves kBatch rows. The mask is a
+// template parameter so that the accumulators stay in registers through the row loop.
+template <int kBatch, int kVectors, bool kMasked>
+void weighted_sum_tile(
+    const float* const* g,
+    const float* weight,
+    int64_t size,
+    int64_t first_row,
+    int64_t end_row,
+    int64_t column,
+    int64_t end_column,
+    float* out,
+    int64_t out_stride,
+    bool accumulate) {
+  __m256 acc[kBatch][kVectors];
+  #pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      acc[b][v] = _mm256_setzero_ps();
+    }
+  }
+  __m256i mask[kVectors];
+  if constexpr (kMasked) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      mask[v] = lanes_below(end_column - column - v * kLanes);
+    }
+  }
+  const float* w = weight + first_row * size + column;
+  for (int64_t r = first_row; r < end_row; ++r, w += size) {
+    __m256 scale[kBatch];
+    #pragma GCC unroll 16
+    for (int b = 0; b < kBatch; ++b) {
+      scale[b] = _mm256_broadcast_ss(g[b] + r);
+    }
+    #pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      __m256 wv;
+      if constexpr (kMasked) {
+        wv = _mm256_maskload_ps(w + v * kLanes, mask[v]);
+      } else {
+        wv = _mm256_loadu_ps(w + v * kLanes);
+      }
+      #pragma GCC unroll 16
+      for (int b = 0; b < kBatch; ++b) {
+        acc[b][v] = _mm256_fmadd_ps(scale[b], wv, acc[b][v]);
+      }
+    }
+  }
+  #pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+    #pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      float* o = out + b * out_stride + column + v * kLanes;
+      if constexpr (kMasked) {
+        const __m256 value = accumulate ? _mm256_add_ps(acc[b][v], _mm256_maskload_ps(o, mask[v])) : acc[b][v];
+        _mm256_maskstore_ps(o, mask[v], value);
+      } else {
+        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[b][v], _mm256_loadu_ps(o)) : acc[b][v]);
+      }
+    }
+  }
+}
+
+template <int kBatch, int kVectors>
+void weighted_sum_columns(
+    const float* const* g,
+    const float* weight,
+    int64_t size,
+    int64_t first_row,
+    int64_t end_row,
+    int64_t first_column,
+    int64_t end_column,
+    float* out,
+    int64_t out_stride,
+    bool accumulate) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  int64_t column = first_column;
+  for (; column + kWidth <= end_column; column += kWidth) {
+    weighted_sum_tile<kBatch, kVectors, false>(
+        g, weight, size, first_row, end_row, column, end_column, out, out_stride, accumulate);
+  }
+  if (column < end_column) {
+    weighted_sum_tile<kBatch, kVectors, true>(
+        g, weight, size, first_row, end_row, column, end_column, out, out_stride, accumulate);
+  }
+}
+
+constexpr int64_t kRowsPerChunk = 64;
+
+// out[b, k] (+)= sum over r in [first_row, end_row) of g[b, r] weight[r, k], for columns k in
+// [first_column, end_column) of a weight with rows `size` long.
+void weighted_row_sums(
+    const float* const* g,
+    int64_t batch,
+    const float* weight,
+    int64_t size,
+    int64_t first_row,
+    int64_t end_row,
+    int64_t first_column,
+    int64_t end_column,
+    float* out,
+    int64_t out_stride,
+    bool accumulate) {
+  // Rows in chunks whose slice of the weight stays in cache while the column blocks sweep it: a
+  // column block reads a short piece of every row, and over all of a large weight's rows those
+  // pieces, a page apart, would come from memory once per block.
+  if (end_row - first_row > kRowsPerChunk) {
+    for (int64_t row = first_row; row < end_row; row += kRowsPerChunk) {
+      weighted_row_sums(g, batch, weight, size, row, std::min(end_row, row + kRowsPerChunk), first_column,
+                        end_column, out, out_stride, accumulate || row != first_row);
+    }
+    return;
+  }
+  // Eight accumulators whatever the batch: fewer rows of g, wider column blocks.
+  int64_t b = 0;
+  for (; b + 4 <= batch; b += 4) {
+    weighted_sum_columns<4, 2>(g + b, weight, size, first_row, end_row, first_column, end_column,
+                               out + b * out_stride, out_stride, accumulate);
+  }
+  const float* const* g_rest = g + b;
+  float* out_rest = out + b * out_stride;
+  switch (batch - b) {
+    case 3:
+      weighted_sum_columns<3, 2>(g_rest, weight, size, first_row, end_row, first_column, end_column, out_rest,
+                                 out_stride, accumulate);
+      break;
+    case 2:
+      weighted_sum_columns<2, 4>(g_rest, weight, size, first_row, end_row, first_column, end_column, out_rest,
+                                 out_stride, accumulate);
+      break;
+    case 1:
+      weighted_sum_columns<1, 8>(g_rest, weight, size, first_row, end_row, first_column, end_column, out_rest,
+                                 out_stride, accumulate);
+      break;
+    default:
+      break;
+  }
+}
+
+// grad_weight[r, k] = sum_b g[b, r] x_b[k] for rows [first_row, end_row): a weight gradient, written
+// once (not accumulated; autograd adds it to .grad).
+void outer_product_rows(
+    const float* g,
+    int64_t g_stride,
+    int64_t batch,
+    const float* const* x,
+    int64_t size,
+    int64_t first_row,
+    int64_t end_row,
+    float* grad_weight) {
+  for (int64_t r = first_row; r < end_row; ++r) {
+    float* out = grad_weight + r * size;
+    int64_t k = 0;
+    for (; k + kLanes <= size; k += kLanes) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < batch; ++b) {
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(g + b * g_stride + r), _mm256_loadu_ps(x[b] + k), acc);
+      }
+      _mm256_storeu_ps(out + k, acc);
+    }
+    if (k < size) {
+      const __m256i mask = lanes_below(size - k);
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < batch; ++b) {
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(g + b * g_stride + r), _mm256_maskload_ps(x[b] + k, mask), acc);
+      }
+      _mm256_maskstore_ps(out + k, mask, acc);
+    }
+  }
+}
+
+// --- the pointwise cell math over one row's units [first, end) ---
+
+// Units after the last full vector go through the same 8-lane code on a zero-padded copy, so the
+// path never runs a scalar formula compiled with AVX2 that a file without it might share.
+constexpr int kGates = 4;
+
+struct PaddedUnits {
+  float gates[kGates][kLanes] = {};
+  float bias[kGates][kLanes] = {};
+  float grad_gates[kGates][kLanes] = {};
+  float grad_preactivation[kGates][kLanes] = {};
+  float cell_prev[kLanes] = {};
+  float cell_next[kLanes] = {};
+  float hidden_next[kLanes] = {};
+  float grad_hidden[kLanes] = {};
+  float grad_cell[kLanes] = {};
+  float grad_cell_prev[kLanes] = {};
+};
+
+GateRows<float> padded_rows(float (&rows)[kGates][kLanes]) {
+  return {rows[0], rows[1], rows[2], rows[3]};
+}
+
+void copy_gates_in(float (&to)[kGates][kLanes], GateRows<const float> from, int64_t first, int64_t count) {
+  const float* rows[kGates] = {from.input, from.forget, from.cell, from.output};
+  for (int gate = 0; gate < kGates; ++gate) {
+    std::memcpy(to[gate], rows[gate] + first, count * sizeof(float));
+  }
+}
+
+void copy_gates_out(GateRows<float> to, const float (&from)[kGates][kLanes], int64_t first, int64_t count) {
+  float* rows[kGates] = {to.input, to.forget, to.cell, to.output};
+  for (int gate = 0; gate < kGates; ++gate) {
+    std::memcpy(rows[gate] + first, from[gate], count * sizeof(float));
+  }
+}
+
+// Adds bias_hh (may be null), activates the gates in place and writes the new cell and hidden state.
+void pointwise_forward(
+    float* gates_row,
+    const float* bias,
+    const float* cell_prev,
+    float* cell_next,
+    float* hidden_next,
+    int64_t hidden_size,
+    int64_t first,
+    int64_t end) {
+  const GateRows<float> gates = gate_rows(gates_row, hidden_size);
+  const GateRows<const float> bias_rows = gate_rows(bias, hidden_size);
+  const int64_t done = bias != nullptr
+      ? forward_units<Float8Lanes, true>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
+      : forward_units<Float8Lanes, false>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
+  const int64_t count = end - done;
+  if (count == 0) {
+    return;
+  }
+  PaddedUnits pad;
+  copy_gates_in(pad.gates, as_const(gates), done, count);
+  if (bias != nullptr) {
+    copy_gates_in(pad.bias, bias_rows, done, count);
+  }
+  std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(float));
+  forward_units<Float8Lanes, true>(
+      padded_rows(pad.gates), as_const(padded_rows(pad.bias)), pad.cell_prev, pad.cell_next, pad.hidden_next, 0, kLanes);
+  copy_gates_out(gates, pad.gates, done, count);
+  std::memcpy(cell_next + done, pad.cell_next, count * sizeof(float));
+  std::memcpy(hidden_next + done, pad.hidden_next, count * sizeof(float));
+}
+
+// Gate pre-activation gradients and grad_cell_prev (which may be grad_cell itself: each unit is
+// read before it is written). grad_gates may be null.
+void pointwise_backward(
+    const float* gates_row,
+    const float* grad_gates_row,
+    const float* cell_prev,
+    const float* cell_next,
+    const float* grad_hidden,
+    const float* grad_cell,
+    float* grad_preactivation_row,
+    float* grad_cell_prev,
+    int64_t hidden_size,
+    int64_t first,
+    int64_t end) {
+  const GateRows<const float> gates = gate_rows(gates_row, hidden_size);
+  const GateRows<const float> grad_gates = gate_rows(grad_gates_row, hidden_size);
+  const GateRows<float> grad_preactivation = gate_rows(grad_preactivation_row, hidden_size);
+  const auto units = backward_units_for<Float8Lanes>(true, true, grad_gates_row != nullptr);
+  const int64_t done =
+      units(gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
+  const int64_t count = end - done;
+  if (count == 0) {
+    return;
+  }
+  PaddedUnits pad;
+  copy_gates_in(pad.gates, gates, done, count);
+  if (grad_gates_row != nullptr) {
+    copy_gates_in(pad.grad_gates, grad_gates, done, count);
+  }
+  std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(float));
+  std::memcpy(pad.cell_next, cell_next + done, count * sizeof(float));
+  std::memcpy(pad.grad_hidden, grad_hidden + done, count * sizeof(float));
+  std::memcpy(pad.grad_cell, grad_cell + done, count * sizeof(float));
+  backward_units<Float8Lanes, true, true, true>(
+      as_const(padded_rows(pad.gates)), as_const(padded_rows(pad.grad_gates)), pad.cell_prev, pad.cell_next,
+      pad.grad_hidden, pad.grad_cell, padded_rows(pad.grad_preactivation), pad.grad_cell_prev, 0, kLanes);
+  copy_gates_out(grad_preactivation, pad.grad_preactivation, done, count);
+  std::memcpy(grad_cell_prev + done, pad.grad_cell_prev, count * sizeof(float));
+}
+
+// --- threads ---
+
+// Runs fn(thread, num_threads) on a team of `threads`. Always a parallel region, even of one
+// thread, so that the barriers inside fn bind to this team and never to a caller's.
+template <typename Fn>
+void run_on_threads(int threads, const Fn& fn) {
+#pragma omp parallel num_threads(std::max(threads, 1))
+  fn(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// A recurrent product has two forms here. Dot products along rows of the weight (dot_products)
+// stream each row contiguously but end every output in a horizontal sum; rows scaled and summed
+// (weighted_row_sums, on the other layout of the weight) need no horizontal sums and load each
+// weight vector once for up to four batch rows, but read every row in short pieces. On 2 cores
+// of an AMD EPYC, 64 steps, hidden 128-1024: the first is faster up to batch 2 (up to 2x at
+// hidden 1024, where the weight comes from memory), the second from batch 4 on.
+constexpr int64_t kMaxBatchForDotProducts = 2;
+
+// The hidden units [first, end) a thread owns: equal shares in whole vectors.
+std::pair<int64_t, int64_t> unit_range(int64_t hidden_size, int thread, int num_threads) {
+  const int64_t per_thread = (hidden_size + num_threads - 1) / num_threads;
+  const int64_t share = (per_thread + kLanes - 1) / kLanes * kLanes;
+  const int64_t first = std::min(hidden_size, thread * share);
+  return {first, std::min(hidden_size, first + share)};
+}
+
+// The rows of 4H-row weights that belong to units [first, end): one range per gate.
+template <typename Fn>
+void for_each_gate_rows(int64_t hidden_size, int64_t first, int64_t end, const Fn& fn) {
+  for (int gate = 0; gate < kGates; ++gate) {
+    fn(gate * hidden_size + first, gate * hidden_size + end);
+  }
+}
+
+}  // namespace
+
+bool available() {
+  return have_avx2();
+}
+
+int threads_for(int64_t multiply_adds, int max_threads) {
+  // Measured on 2 cores (see the commit that added this path): a second thread paid from about
+  // 2^16 multiply-adds a step.
+  constexpr int64_t kMultiplyAddsPerThread = int64_t{1} << 16;
+  return static_cast<int>(std::clamp<int64_t>(multiply_adds / kMultiplyAddsPerThread, 1, std::max(max_threads, 1)));
+}
+
+void cell_forward(const CellForward& a, int threads) {
+  const int64_t gate_width = 4 * a.hidden_size;
+  const float* input_rows[kMaxBatch];
+  const float* hidden_rows[kMaxBatch];
+  for (int64_t b = 0; b < a.batch; ++b) {
+    input_rows[b] = a.input + b * a.input_size;
+    hidden_rows[b] = a.hx + b * a.hidden_size;
+  }
+  run_on_threads(threads, [&](int thread, int num_threads) {
+    const auto [first, end] = unit_range(a.hidden_size, thread, num_threads);
+    if (first >= end) {
+      return;
+    }
+    for_each_gate_rows(a.hidden_size, first, end, [&](int64_t first_row, int64_t end_row) {
+      dot_products(input_rows, a.batch, a.input_size, a.weight_ih, first_row, end_row, a.gates, gate_width,
+                   a.bias_ih, /*accumulate=*/false);
+      dot_products(hidden_rows, a.batch, a.hidden_size, a.weight_hh, first_row, end_row, a.gates, gate_width,
+                   nullptr, /*accumulate=*/true);
+    });
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const int64_t state = b * a.hidden_size;
+      pointwise_forward(a.gates + b * gate_width, a.bias_hh, a.cx + state, a.cy + state, a.hy + state, a.hidden_size,
+                        first, end);
+    }
+  });
+}
+
+void cell_backward_products(const CellBackwardProducts& a, int threads) {
+  const int64_t gate_width = 4 * a.hidden_size;
+  const float* input_rows[kMaxBatch];
+  const float* hidden_rows[kMaxBatch];
+  for (int64_t b = 0; b < a.batch; ++b) {
+    input_rows[b] = a.input + b * a.input_size;
+    hidden_rows[b] = a.hx + b * a.hidden_size;
+  }
+  const float* g = a.grad_preactivation;
+  const float* g_rows[kMaxBatch];
+  for (int64_t b = 0; b < a.batch; ++b) {
+    g_rows[b] = g + b * gate_width;
+  }
+  // No barrier needed: a thread writes its own weight-gradient rows, its own columns of
+  // grad_input and grad_hx, and its own share of grad_bias; everything it reads is input.
+  run_on_threads(threads, [&](int thread, int num_threads) {
+    const auto share = [&](int64_t n) {
+      const int64_t per_thread = (n + num_threads - 1) / num_threads;
+      const int64_t first = std::min(n, thread * per_thread);
+      return std::pair<int64_t, int64_t>{first, std::min(n, first + per_thread)};
+    };
+    const auto [first_row, end_row] = share(gate_width);
+    if (a.grad_weight_ih != nullptr) {
+      outer_product_rows(g, gate_width, a.batch, input_rows, a.input_size, first_row, end_row, a.grad_weight_ih);
+    }
+    if (a.grad_weight_hh != nullptr) {
+      outer_product_rows(g, gate_width, a.batch, hidden_rows, a.hidden_size, first_row, end_row, a.grad_weight_hh);
+    }
+    if (a.grad_bias != nullptr) {
+      for (int64_t r = first_row; r < end_row; ++r) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < a.batch; ++b) {
+          sum += g[b * gate_width + r];
+        }
+        a.grad_bias[r] = sum;
+      }
+    }
+    if (a.grad_input != nullptr) {
+      const auto [first_column, end_column] = share(a.input_size);
+      weighted_row_sums(g_rows, a.batch, a.weight_ih, a.input_size, 0, gate_width, first_column, end_column,
+                        a.grad_input, a.input_size, /*accumulate=*/false);
+    }
+    if (a.grad_hx != nullptr) {
+      const auto [first_column, end_column] = share(a.hidden_size);
+      weighted_row_sums(g_rows, a.batch, a.weight_hh, a.hidden_size, 0, gate_width, first_column, end_column,
+                        a.grad_hx, a.hidden_size, /*accumulate=*/false);
+    }
+  });
+}
+
+void sequence_forward(const SequenceForward& a, int threads) {
+  const int64_t hidden_size = a.hidden_size;
+  const int64_t gate_width = 4 * hidden_size;
+  run_on_threads(threads, [&](int thread, int num_threads) {
+    const auto [first, end] = unit_range(hidden_size, thread, num_threads);
+    const float* hidden_prev[kMaxBatch];
+    for (int64_t k = 0; k < a.num_steps; ++k) {
+      const RecurrenceStep& step = a.steps[k];
+      // Step k reads every unit of the hidden states step k - 1 wrote, whichever thread wrote them.
+      // Every thread passes every barrier, including one that owns no units.
+      if (k > 0) {
+#pragma omp barrier
+      }
+      if (first >= end) {
+        continue;
+      }
+      for (int64_t b = 0; b < step.batch; ++b) {
+        hidden_prev[b] = b < step.carried ? a.output + (step.previous_offset + b) * hidden_size : a.hx + b * hidden_size;
+      }
+      float* step_gates = a.gates + step.offset * gate_width;
+      for_each_gate_rows(hidden_size, first, end, [&](int64_t first_row, int64_t end_row) {
+        if (step.batch <= kMaxBatchForDotProducts) {
+          dot_products(hidden_prev, step.batch, hidden_size, a.weight_hh, first_row, end_row, step_gates, gate_width,
+                       nullptr, /*accumulate=*/true);
+        } else {
+          weighted_row_sums(hidden_prev, step.batch, a.weight_hh_t, gate_width, 0, hidden_size, first_row, end_row,
+                            step_gates, gate_width, /*accumulate=*/true);
+        }
+      });
+      for (int64_t b = 0; b < step.batch; ++b) {
+        const float* cell_prev =
+            b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
+        const int64_t row = (step.offset + b) * hidden_size;
+        pointwise_forward(step_gates + b * gate_width, a.bias_hh, cell_prev, a.cell_states + row, a.output + row,
+                          hidden_size, first, end);
+        if (b >= step.ending) {
+          std::memcpy(a.hy + b * hidden_size + first, a.output + row + first, (end - first) * sizeof(float));
+          std::memcpy(a.cy + b * hidden_size + first, a.cell_states + row + first, (end - first) * sizeof(float));
+        }
+      }
+    }
+  });
+}
+
+void sequence_backward(const SequenceBackward& a, int threads) {
+  const int64_t hidden_size = a.hidden_size;
+  const int64_t gate_width = 4 * hidden_size;
+  run_on_threads(threads, [&](int thread, int num_threads) {
+    // A thread owns units [first, end): their gradients in grad_hidden and grad_cell, their gate
+    // columns of grad_preactivations, and the same columns of grad_hx and grad_cx.
+    const auto [first, end] = unit_range(hidden_size, thread, num_threads);
+    const int64_t width = end - first;
+    const float* grad_rows[kMaxBatch];
+    for (int64_t k = a.num_steps - 1; k >= 0; --k) {
+      const RecurrenceStep& step = a.steps[k];
+      if (width > 0) {
+        for (int64_t b = step.ending; b < step.batch; ++b) {
+          // A sequence's last step: its gradients start from h_n's and c_n's.
+          float* grad_hidden = a.grad_hidden + b * hidden_size + first;
+          float* grad_cell = a.grad_cell + b * hidden_size + first;
+          a.grad_hy ? (void)std::memcpy(grad_hidden, a.grad_hy + b * hidden_size + first, width * sizeof(float))
+                    : (void)std::fill(grad_hidden, grad_hidden + width, 0.0f);
+          a.grad_cy ? (void)std::memcpy(grad_cell, a.grad_cy + b * hidden_size + first, width * sizeof(float))
+                    : (void)std::fill(grad_cell, grad_cell + width, 0.0f);
+        }
+        for (int64_t b = 0; b < step.batch; ++b) {
+          const int64_t row = step.offset + b;
+          float* grad_hidden = a.grad_hidden + b * hidden_size;
+          float* grad_cell = a.grad_cell + b * hidden_size;
+          for (int64_t j = first; j < end; ++j) {
+            grad_hidden[j] += a.grad_output ? a.grad_output[row * hidden_size + j] : 0.0f;
+            grad_cell[j] += a.grad_cell_states ? a.grad_cell_states[row * hidden_size + j] : 0.0f;
+          }
+          const float* cell_prev =
+              b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
+          pointwise_backward(a.gates + row * gate_width, a.grad_gates ? a.grad_gates + row * gate_width : nullptr,
+                             cell_prev, a.cell_states + row * hidden_size, grad_hidden, grad_cell,
+                             a.grad_preactivations + row * gate_width, grad_cell, hidden_size, first, end);
+        }
+      }
+      // The product below reads every gate column of this step's gradients.
+#pragma omp barrier
+      if (width == 0) {
+        continue;
+      }
+      // The gradient of the hidden state this step started from, for the units this thread owns:
+      // the rows of weight_hh scaled by the gate gradients and summed.
+      for (int64_t b = 0; b < step.batch; ++b) {
+        grad_rows[b] = a.grad_preactivations + (step.offset + b) * gate_width;
+      }
+      if (step.batch <= kMaxBatchForDotProducts) {
+        dot_products(grad_rows, step.batch, gate_width, a.weight_hh_t, first, end, a.grad_hidden, hidden_size, nullptr,
+                     /*accumulate=*/false);
+      } else {
+        weighted_row_sums(grad_rows, step.batch, a.weight_hh, hidden_size, 0, gate_width, first, end, a.grad_hidden,
+                          hidden_size, /*accumulate=*/false);
+      }
+      for (int64_t b = step.carried; b < step.batch; ++b) {
+        // Sequences that start here: their gradient is the initial state's.
+        std::memcpy(a.grad_hx + b * hidden_size + first, a.grad_hidden + b * hidden_size + first, width * sizeof(float));
+        std::memcpy(a.grad_cx + b * hidden_size + first, a.grad_cell + b * hidden_size + first, width * sizeof(float));
+      }
+    }
+  });
+}
+
+}  // namespace small_batch
+}  // namespace cpu
+}  // namespace lstm_fused
