@@ -465,9 +465,9 @@ void run_on_threads(int threads, const Fn& fn) {
 // A recurrent product has two forms here. Dot products along rows of the weight (dot_products)
 // stream each row contiguously but end every output in a horizontal sum; rows scaled and summed
 // (weighted_row_sums, on the other layout of the weight) need no horizontal sums and load each
-// weight vector once for up to four batch rows, but read every row in short pieces. On 2 cores
-// of an AMD EPYC, 64 steps, hidden 128-1024: the first is faster up to batch 2 (up to 2x at
-// hidden 1024, where the weight comes from memory), the second from batch 4 on.
+// weight vector once for up to four batch rows, but read every row in short pieces. One thread of
+// a 2.45 GHz AMD EPYC (AVX2), 64 steps: at batch 1 the first is faster (2x at hidden 1024, where
+// the weight comes from memory), at batch 2-4 they tie, from batch 8 the second is 1.15-1.2x faster.
 constexpr int64_t kMaxBatchForDotProducts = 2;
 
 // The hidden units [first, end) a thread owns: equal shares in whole vectors.
@@ -493,8 +493,10 @@ bool available() {
 }
 
 int threads_for(int64_t multiply_adds, int max_threads) {
-  // Measured on 2 cores (see the commit that added this path): a second thread paid from about
-  // 2^16 multiply-adds a step.
+  // Threads meet at a barrier every step (a few microseconds); below about 2^16 multiply-adds a
+  // step (a few microseconds of work) a second thread cannot pay for it. A floor rather than a
+  // tuned value: on the 2-core VM this path was written on, a second thread gained little at any
+  // size (nn.LSTM there also ran slower on two threads than on one).
   constexpr int64_t kMultiplyAddsPerThread = int64_t{1} << 16;
   return static_cast<int>(std::clamp<int64_t>(multiply_adds / kMultiplyAddsPerThread, 1, std::max(max_threads, 1)));
 }
