@@ -158,13 +158,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
 
   const std::vector<Step> steps = visiting_order(sizes, reverse);
   if (takes_small_batch_path(input, hx)) {
-    const at::Tensor weight_hh_c = weight_hh.contiguous(), weight_hh_t = weight_hh.t().contiguous();
+    namespace small_batch = cpu::small_batch;
+    const at::Tensor weight_hh_c = weight_hh.contiguous();
+    at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size)}, options);
+    small_batch::pack_gate_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, gate_panels.mutable_data_ptr<float>());
     const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
     const at::Tensor bias_hh_c = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
     gates = gates.contiguous();
     cpu::small_batch::sequence_forward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, weight_hh_c.const_data_ptr<float>(),
-         weight_hh_t.const_data_ptr<float>(), bias_hh_c.defined() ? bias_hh_c.const_data_ptr<float>() : nullptr, hx_c.const_data_ptr<float>(),
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, gate_panels.const_data_ptr<float>(),
+         bias_hh_c.defined() ? bias_hh_c.const_data_ptr<float>() : nullptr, hx_c.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(),
          cell_states.mutable_data_ptr<float>(), hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
         small_batch_threads(batch, hidden_size));
@@ -314,14 +317,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
     const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy);
     const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
-    const at::Tensor weight_hh_c = weight_hh.contiguous(), weight_hh_t = weight_hh.t().contiguous();
+    namespace small_batch = cpu::small_batch;
+    const at::Tensor weight_hh_c = weight_hh.contiguous();
+    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(hidden_size)}, options);
+    small_batch::pack_unit_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, unit_panels.mutable_data_ptr<float>());
     const at::Tensor cx_c = cx.contiguous();
     const at::Tensor cell_states_c = cell_states.contiguous(), gates_c = gates.contiguous();
     at::Tensor grad_hidden = at::empty({batch, hidden_size}, options);
     at::Tensor grad_cell = at::empty({batch, hidden_size}, options);
     cpu::small_batch::sequence_backward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, weight_hh_c.const_data_ptr<float>(),
-         weight_hh_t.const_data_ptr<float>(), cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, unit_panels.const_data_ptr<float>(),
+         cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
          data_or_null(grad_output_c), data_or_null(grad_cell_states_c), data_or_null(grad_gates_c),
          data_or_null(grad_hy_c), data_or_null(grad_cy_c), grad_preactivations.mutable_data_ptr<float>(),
          grad_hx.mutable_data_ptr<float>(), grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(),

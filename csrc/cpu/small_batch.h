@@ -40,6 +40,16 @@ bool available();
 // tens of thousands, waking a second thread costs more than it saves.
 int threads_for(int64_t multiply_adds, int max_threads);
 
+// The recurrent weight [4 * hidden, hidden] re-laid once per sequence for its per-step products:
+// in panels of 8 columns, each [reduction][8] contiguous, zero-padded past the last column. Gate
+// panels serve the forward (columns: the 4 * hidden gate rows, 8 units of one gate a panel;
+// reduction: hidden), unit panels the backward (columns: the hidden units; reduction: 4 * hidden).
+// The sizes are in floats.
+int64_t gate_panels_size(int64_t hidden_size);
+int64_t unit_panels_size(int64_t hidden_size);
+void pack_gate_panels(const float* weight_hh, int64_t hidden_size, float* panels);
+void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels);
+
 // One cell step, forward: gates [batch, 4 * hidden] receives the activated gates (i, f, g, o).
 struct CellForward {
   int64_t batch;
@@ -80,14 +90,12 @@ void cell_backward_products(const CellBackwardProducts& args, int threads);
 
 // The recurrence of one layer in one direction: on entry gates holds every row's input projection
 // (bias_ih included), on return the activated gates; output and cell_states get every row's h and
-// c, hy and cy each sequence's last. weight_hh_t is weight_hh transposed, [hidden, 4 * hidden]
-// contiguous: each step reads the layout its product form wants.
+// c, hy and cy each sequence's last. gate_panels: weight_hh packed by pack_gate_panels.
 struct SequenceForward {
   const RecurrenceStep* steps;
   int64_t num_steps;
   int64_t hidden_size;
-  const float* weight_hh;
-  const float* weight_hh_t;
+  const float* gate_panels;
   const float* bias_hh;  // may be null
   const float* hx;
   const float* cx;
@@ -100,14 +108,13 @@ struct SequenceForward {
 void sequence_forward(const SequenceForward& args, int threads);
 
 // Backpropagation through time of that recurrence: every row's gate pre-activation gradients, and
-// the initial states' gradients. weight_hh_t as for the forward. The incoming gradients may be
-// null (absent: zero). grad_hidden and grad_cell are scratch of [batch, hidden].
+// the initial states' gradients. unit_panels: weight_hh packed by pack_unit_panels. The incoming
+// gradients may be null (absent: zero). grad_hidden and grad_cell are scratch of [batch, hidden].
 struct SequenceBackward {
   const RecurrenceStep* steps;
   int64_t num_steps;
   int64_t hidden_size;
-  const float* weight_hh;
-  const float* weight_hh_t;
+  const float* unit_panels;
   const float* cx;
   const float* cell_states;
   const float* gates;

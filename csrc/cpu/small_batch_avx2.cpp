@@ -311,6 +311,116 @@ void weighted_row_sums(
   }
 }
 
+// --- out[b, c] = sum_k x[b, k] w[k, c] on packed panels: the sequence's recurrent products ---
+
+// A panel holds 8 output columns of a weight for every reduction index k, [reduction][8], zero
+// past the weight's last column: the rows-scaled-and-summed form then reads each panel as one
+// contiguous stream, where the plain layout gave it one short piece of every row (a page apart at
+// hidden 1024, a TLB miss every few FMAs).
+template <int kBatch, int kVectors, bool kMasked>
+void panel_tile(
+    const float* const* x,
+    int64_t reduction,
+    const float* panels,
+    float* out,
+    int64_t out_stride,
+    int64_t columns_left,
+    bool accumulate) {
+  __m256 acc[kBatch][kVectors];
+#pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      acc[b][v] = _mm256_setzero_ps();
+    }
+  }
+  const int64_t panel_size = reduction * kLanes;
+  for (int64_t k = 0; k < reduction; ++k) {
+    __m256 scale[kBatch];
+#pragma GCC unroll 16
+    for (int b = 0; b < kBatch; ++b) {
+      scale[b] = _mm256_broadcast_ss(x[b] + k);
+    }
+#pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256 wv = _mm256_loadu_ps(panels + v * panel_size + k * kLanes);
+#pragma GCC unroll 16
+      for (int b = 0; b < kBatch; ++b) {
+        acc[b][v] = _mm256_fmadd_ps(scale[b], wv, acc[b][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      float* o = out + b * out_stride + v * kLanes;
+      if constexpr (kMasked) {
+        const __m256i mask = lanes_below(columns_left - v * kLanes);
+        const __m256 value = accumulate ? _mm256_add_ps(acc[b][v], _mm256_maskload_ps(o, mask)) : acc[b][v];
+        _mm256_maskstore_ps(o, mask, value);
+      } else {
+        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[b][v], _mm256_loadu_ps(o)) : acc[b][v]);
+      }
+    }
+  }
+}
+
+template <int kBatch, int kVectors>
+void panel_columns(
+    const float* const* x,
+    int64_t reduction,
+    const float* panels,
+    int64_t columns,
+    float* out,
+    int64_t out_stride,
+    bool accumulate) {
+  constexpr int64_t kWidth = kVectors * kLanes;
+  const int64_t panel_size = reduction * kLanes;
+  int64_t column = 0;
+  for (; column + kWidth <= columns; column += kWidth) {
+    panel_tile<kBatch, kVectors, false>(
+        x, reduction, panels + column / kLanes * panel_size, out + column, out_stride, kWidth, accumulate);
+  }
+  // The last panels one at a time: a group of kVectors would read panels past the last.
+  for (; column < columns; column += kLanes) {
+    panel_tile<kBatch, 1, true>(
+        x, reduction, panels + column / kLanes * panel_size, out + column, out_stride, columns - column, accumulate);
+  }
+}
+
+// out[b, c] (+)= sum over k < reduction of x_b[k] w[k, c], for the `columns` columns whose panels
+// start at `panels`.
+void panel_products(
+    const float* const* x,
+    int64_t batch,
+    int64_t reduction,
+    const float* panels,
+    int64_t columns,
+    float* out,
+    int64_t out_stride,
+    bool accumulate) {
+  int64_t b = 0;
+  for (; b + 4 <= batch; b += 4) {
+    panel_columns<4, 2>(x + b, reduction, panels, columns, out + b * out_stride, out_stride, accumulate);
+  }
+  const float* const* x_rest = x + b;
+  float* out_rest = out + b * out_stride;
+  switch (batch - b) {
+    case 3:
+      panel_columns<3, 2>(x_rest, reduction, panels, columns, out_rest, out_stride, accumulate);
+      break;
+    case 2:
+      panel_columns<2, 4>(x_rest, reduction, panels, columns, out_rest, out_stride, accumulate);
+      break;
+    case 1:
+      panel_columns<1, 8>(x_rest, reduction, panels, columns, out_rest, out_stride, accumulate);
+      break;
+    default:
+      break;
+  }
+}
+
 // grad_weight[r, k] = sum_b g[b, r] x_b[k] for rows [first_row, end_row): a weight gradient, written
 // once (not accumulated; autograd adds it to .grad).
 void outer_product_rows(
@@ -462,14 +572,6 @@ void run_on_threads(int threads, const Fn& fn) {
   fn(omp_get_thread_num(), omp_get_num_threads());
 }
 
-// A recurrent product has two forms here. Dot products along rows of the weight (dot_products)
-// stream each row contiguously but end every output in a horizontal sum; rows scaled and summed
-// (weighted_row_sums, on the other layout of the weight) need no horizontal sums and load each
-// weight vector once for up to four batch rows, but read every row in short pieces. One thread of
-// a 2.45 GHz AMD EPYC (AVX2), 64 steps: at batch 1 the first is faster (2x at hidden 1024, where
-// the weight comes from memory), at batch 2-4 they tie, from batch 8 the second is 1.15-1.2x faster.
-constexpr int64_t kMaxBatchForDotProducts = 2;
-
 // The hidden units [first, end) a thread owns: equal shares in whole vectors.
 std::pair<int64_t, int64_t> unit_range(int64_t hidden_size, int thread, int num_threads) {
   const int64_t per_thread = (hidden_size + num_threads - 1) / num_threads;
@@ -490,6 +592,49 @@ void for_each_gate_rows(int64_t hidden_size, int64_t first, int64_t end, const F
 
 bool available() {
   return have_avx2();
+}
+
+int64_t panel_count(int64_t hidden_size) {
+  return (hidden_size + kLanes - 1) / kLanes;
+}
+
+int64_t gate_panels_size(int64_t hidden_size) {
+  return 4 * panel_count(hidden_size) * hidden_size * kLanes;
+}
+
+int64_t unit_panels_size(int64_t hidden_size) {
+  return panel_count(hidden_size) * 4 * hidden_size * kLanes;
+}
+
+void pack_gate_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
+  const int64_t count = panel_count(hidden_size);
+  for (int64_t gate = 0; gate < kGates; ++gate) {
+    for (int64_t panel = 0; panel < count; ++panel) {
+      float* to = panels + (gate * count + panel) * hidden_size * kLanes;
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        // Lane `lane` of the panel is one row of weight_hh, read in order.
+        const int64_t unit = panel * kLanes + lane;
+        const float* row = weight_hh + (gate * hidden_size + unit) * hidden_size;
+        for (int64_t k = 0; k < hidden_size; ++k) {
+          to[k * kLanes + lane] = unit < hidden_size ? row[k] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
+  const int64_t count = panel_count(hidden_size);
+  const int64_t rows = 4 * hidden_size;
+  for (int64_t panel = 0; panel < count; ++panel) {
+    float* to = panels + panel * rows * kLanes;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        const int64_t unit = panel * kLanes + lane;
+        to[r * kLanes + lane] = unit < hidden_size ? weight_hh[r * hidden_size + unit] : 0.0f;
+      }
+    }
+  }
 }
 
 int threads_for(int64_t multiply_adds, int max_threads) {
@@ -598,15 +743,11 @@ void sequence_forward(const SequenceForward& a, int threads) {
         hidden_prev[b] = b < step.carried ? a.output + (step.previous_offset + b) * hidden_size : a.hx + b * hidden_size;
       }
       float* step_gates = a.gates + step.offset * gate_width;
-      for_each_gate_rows(hidden_size, first, end, [&](int64_t first_row, int64_t end_row) {
-        if (step.batch <= kMaxBatchForDotProducts) {
-          dot_products(hidden_prev, step.batch, hidden_size, a.weight_hh, first_row, end_row, step_gates, gate_width,
-                       nullptr, /*accumulate=*/true);
-        } else {
-          weighted_row_sums(hidden_prev, step.batch, a.weight_hh_t, gate_width, 0, hidden_size, first_row, end_row,
-                            step_gates, gate_width, /*accumulate=*/true);
-        }
-      });
+      for (int64_t gate = 0; gate < kGates; ++gate) {
+        const float* panels = a.gate_panels + (gate * panel_count(hidden_size) + first / kLanes) * hidden_size * kLanes;
+        panel_products(hidden_prev, step.batch, hidden_size, panels, end - first, step_gates + gate * hidden_size + first,
+                       gate_width, /*accumulate=*/true);
+      }
       for (int64_t b = 0; b < step.batch; ++b) {
         const float* cell_prev =
             b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
@@ -668,13 +809,8 @@ void sequence_backward(const SequenceBackward& a, int threads) {
       for (int64_t b = 0; b < step.batch; ++b) {
         grad_rows[b] = a.grad_preactivations + (step.offset + b) * gate_width;
       }
-      if (step.batch <= kMaxBatchForDotProducts) {
-        dot_products(grad_rows, step.batch, gate_width, a.weight_hh_t, first, end, a.grad_hidden, hidden_size, nullptr,
-                     /*accumulate=*/false);
-      } else {
-        weighted_row_sums(grad_rows, step.batch, a.weight_hh, hidden_size, 0, gate_width, first, end, a.grad_hidden,
-                          hidden_size, /*accumulate=*/false);
-      }
+      panel_products(grad_rows, step.batch, gate_width, a.unit_panels + first / kLanes * gate_width * kLanes, end - first,
+                     a.grad_hidden + first, hidden_size, /*accumulate=*/false);
       for (int64_t b = step.carried; b < step.batch; ++b) {
         // Sequences that start here: their gradient is the initial state's.
         std::memcpy(a.grad_hx + b * hidden_size + first, a.grad_hidden + b * hidden_size + first, width * sizeof(float));
