@@ -26,6 +26,12 @@ __m256i lanes_below(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Makes v a register value: without it GCC folds a vector used by two FMAs into both as a memory
+// operand, loading it twice, and the dot-product loop becomes load-bound.
+inline void in_register(__m256& v) {
+  asm("" : "+x"(v));
+}
+
 float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -75,7 +81,8 @@ void dot_tile(
     }
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * size + k);
+      __m256 wv = _mm256_loadu_ps(w + r * size + k);
+      in_register(wv);
       #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
         acc[b][r] = _mm256_fmadd_ps(wv, xv[b], acc[b][r]);
@@ -91,7 +98,8 @@ void dot_tile(
     }
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      const __m256 wv = _mm256_maskload_ps(w + r * size + k, mask);
+      __m256 wv = _mm256_maskload_ps(w + r * size + k, mask);
+      in_register(wv);
       #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
         acc[b][r] = _mm256_fmadd_ps(wv, xv[b], acc[b][r]);
@@ -421,8 +429,48 @@ void panel_products(
   }
 }
 
+// grad_weight[r, k] (+)= sum over kBatch rows of g[b, r] x_b[k], for rows [first_row, end_row):
+// each row's kBatch factors broadcast once, then one pass along the row.
+template <int kBatch>
+void outer_product_tile(
+    const float* g,
+    int64_t g_stride,
+    const float* const* x,
+    int64_t size,
+    int64_t first_row,
+    int64_t end_row,
+    float* grad_weight,
+    bool accumulate) {
+  for (int64_t r = first_row; r < end_row; ++r) {
+    float* out = grad_weight + r * size;
+    __m256 scale[kBatch];
+#pragma GCC unroll 16
+    for (int b = 0; b < kBatch; ++b) {
+      scale[b] = _mm256_broadcast_ss(g + b * g_stride + r);
+    }
+    int64_t k = 0;
+    for (; k + kLanes <= size; k += kLanes) {
+      __m256 acc = accumulate ? _mm256_loadu_ps(out + k) : _mm256_setzero_ps();
+#pragma GCC unroll 16
+      for (int b = 0; b < kBatch; ++b) {
+        acc = _mm256_fmadd_ps(scale[b], _mm256_loadu_ps(x[b] + k), acc);
+      }
+      _mm256_storeu_ps(out + k, acc);
+    }
+    if (k < size) {
+      const __m256i mask = lanes_below(size - k);
+      __m256 acc = accumulate ? _mm256_maskload_ps(out + k, mask) : _mm256_setzero_ps();
+#pragma GCC unroll 16
+      for (int b = 0; b < kBatch; ++b) {
+        acc = _mm256_fmadd_ps(scale[b], _mm256_maskload_ps(x[b] + k, mask), acc);
+      }
+      _mm256_maskstore_ps(out + k, mask, acc);
+    }
+  }
+}
+
 // grad_weight[r, k] = sum_b g[b, r] x_b[k] for rows [first_row, end_row): a weight gradient, written
-// once (not accumulated; autograd adds it to .grad).
+// once (not accumulated; autograd adds it to .grad). The batch in chunks of at most 8 rows.
 void outer_product_rows(
     const float* g,
     int64_t g_stride,
@@ -432,24 +480,17 @@ void outer_product_rows(
     int64_t first_row,
     int64_t end_row,
     float* grad_weight) {
-  for (int64_t r = first_row; r < end_row; ++r) {
-    float* out = grad_weight + r * size;
-    int64_t k = 0;
-    for (; k + kLanes <= size; k += kLanes) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < batch; ++b) {
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(g + b * g_stride + r), _mm256_loadu_ps(x[b] + k), acc);
-      }
-      _mm256_storeu_ps(out + k, acc);
-    }
-    if (k < size) {
-      const __m256i mask = lanes_below(size - k);
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < batch; ++b) {
-        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(g + b * g_stride + r), _mm256_maskload_ps(x[b] + k, mask), acc);
-      }
-      _mm256_maskstore_ps(out + k, mask, acc);
-    }
+  using Tile = void (*)(const float*, int64_t, const float* const*, int64_t, int64_t, int64_t, float*, bool);
+  static constexpr Tile tiles[8] = {outer_product_tile<1>, outer_product_tile<2>, outer_product_tile<3>,
+                                    outer_product_tile<4>, outer_product_tile<5>, outer_product_tile<6>,
+                                    outer_product_tile<7>, outer_product_tile<8>};
+  if (batch == 0) {
+    std::fill(grad_weight + first_row * size, grad_weight + end_row * size, 0.0f);
+    return;
+  }
+  for (int64_t b = 0; b < batch; b += 8) {
+    const int64_t rows = std::min<int64_t>(8, batch - b);
+    tiles[rows - 1](g + b * g_stride, g_stride, x + b, size, first_row, end_row, grad_weight, /*accumulate=*/b > 0);
   }
 }
 
