@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "float8_avx2.h"
@@ -175,6 +176,55 @@ void dot_products(
   }
 }
 
+// --- the two rows-scaled-and-summed kernels below share their epilogue and batch blocking ---
+
+// out[b, v * 8 + lane] (+)= acc[b][v] for the first columns_left columns (all of them unless kMasked).
+template <int kBatch, int kVectors, bool kMasked>
+inline __attribute__((always_inline)) void store_tile(
+    const __m256 (&acc)[kBatch][kVectors], float* out, int64_t out_stride, int64_t columns_left, bool accumulate) {
+#pragma GCC unroll 16
+  for (int b = 0; b < kBatch; ++b) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kVectors; ++v) {
+      float* o = out + b * out_stride + v * kLanes;
+      if constexpr (kMasked) {
+        const __m256i mask = lanes_below(columns_left - v * kLanes);
+        const __m256 value = accumulate ? _mm256_add_ps(acc[b][v], _mm256_maskload_ps(o, mask)) : acc[b][v];
+        _mm256_maskstore_ps(o, mask, value);
+      } else {
+        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[b][v], _mm256_loadu_ps(o)) : acc[b][v]);
+      }
+    }
+  }
+}
+
+template <int kValue>
+using Constant = std::integral_constant<int, kValue>;
+
+// Calls fn(Constant<kBatch>, Constant<kVectors>, first_batch_row) over the batch in blocks of 4
+// rows, then the 1-3 left: eight accumulators a block whatever its rows (fewer rows, wider column
+// blocks).
+template <typename Fn>
+void for_batch_blocks(int64_t batch, const Fn& fn) {
+  int64_t b = 0;
+  for (; b + 4 <= batch; b += 4) {
+    fn(Constant<4>{}, Constant<2>{}, b);
+  }
+  switch (batch - b) {
+    case 3:
+      fn(Constant<3>{}, Constant<2>{}, b);
+      break;
+    case 2:
+      fn(Constant<2>{}, Constant<4>{}, b);
+      break;
+    case 1:
+      fn(Constant<1>{}, Constant<8>{}, b);
+      break;
+    default:
+      break;
+  }
+}
+
 // --- out[b, k] = sum_r g[b, r] weight[r, k]: the backward products, weight rows scaled and summed ---
 
 // kBatch rows of g against a column block of kVectors vectors (kMasked: the last block of the
@@ -228,19 +278,7 @@ void weighted_sum_tile(
       }
     }
   }
-  #pragma GCC unroll 16
-  for (int b = 0; b < kBatch; ++b) {
-    #pragma GCC unroll 16
-    for (int v = 0; v < kVectors; ++v) {
-      float* o = out + b * out_stride + column + v * kLanes;
-      if constexpr (kMasked) {
-        const __m256 value = accumulate ? _mm256_add_ps(acc[b][v], _mm256_maskload_ps(o, mask[v])) : acc[b][v];
-        _mm256_maskstore_ps(o, mask[v], value);
-      } else {
-        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[b][v], _mm256_loadu_ps(o)) : acc[b][v]);
-      }
-    }
-  }
+  store_tile<kBatch, kVectors, kMasked>(acc, out + column, out_stride, end_column - column, accumulate);
 }
 
 template <int kBatch, int kVectors>
@@ -293,30 +331,10 @@ void weighted_row_sums(
     }
     return;
   }
-  // Eight accumulators whatever the batch: fewer rows of g, wider column blocks.
-  int64_t b = 0;
-  for (; b + 4 <= batch; b += 4) {
-    weighted_sum_columns<4, 2>(g + b, weight, size, first_row, end_row, first_column, end_column,
-                               out + b * out_stride, out_stride, accumulate);
-  }
-  const float* const* g_rest = g + b;
-  float* out_rest = out + b * out_stride;
-  switch (batch - b) {
-    case 3:
-      weighted_sum_columns<3, 2>(g_rest, weight, size, first_row, end_row, first_column, end_column, out_rest,
-                                 out_stride, accumulate);
-      break;
-    case 2:
-      weighted_sum_columns<2, 4>(g_rest, weight, size, first_row, end_row, first_column, end_column, out_rest,
-                                 out_stride, accumulate);
-      break;
-    case 1:
-      weighted_sum_columns<1, 8>(g_rest, weight, size, first_row, end_row, first_column, end_column, out_rest,
-                                 out_stride, accumulate);
-      break;
-    default:
-      break;
-  }
+  for_batch_blocks(batch, [&](auto rows, auto vectors, int64_t b) {
+    weighted_sum_columns<decltype(rows)::value, decltype(vectors)::value>(
+        g + b, weight, size, first_row, end_row, first_column, end_column, out + b * out_stride, out_stride, accumulate);
+  });
 }
 
 // --- out[b, c] = sum_k x[b, k] w[k, c] on packed panels: the sequence's recurrent products ---
@@ -358,20 +376,7 @@ void panel_tile(
       }
     }
   }
-#pragma GCC unroll 16
-  for (int b = 0; b < kBatch; ++b) {
-#pragma GCC unroll 16
-    for (int v = 0; v < kVectors; ++v) {
-      float* o = out + b * out_stride + v * kLanes;
-      if constexpr (kMasked) {
-        const __m256i mask = lanes_below(columns_left - v * kLanes);
-        const __m256 value = accumulate ? _mm256_add_ps(acc[b][v], _mm256_maskload_ps(o, mask)) : acc[b][v];
-        _mm256_maskstore_ps(o, mask, value);
-      } else {
-        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[b][v], _mm256_loadu_ps(o)) : acc[b][v]);
-      }
-    }
-  }
+  store_tile<kBatch, kVectors, kMasked>(acc, out, out_stride, columns_left, accumulate);
 }
 
 template <int kBatch, int kVectors>
@@ -408,25 +413,10 @@ void panel_products(
     float* out,
     int64_t out_stride,
     bool accumulate) {
-  int64_t b = 0;
-  for (; b + 4 <= batch; b += 4) {
-    panel_columns<4, 2>(x + b, reduction, panels, columns, out + b * out_stride, out_stride, accumulate);
-  }
-  const float* const* x_rest = x + b;
-  float* out_rest = out + b * out_stride;
-  switch (batch - b) {
-    case 3:
-      panel_columns<3, 2>(x_rest, reduction, panels, columns, out_rest, out_stride, accumulate);
-      break;
-    case 2:
-      panel_columns<2, 4>(x_rest, reduction, panels, columns, out_rest, out_stride, accumulate);
-      break;
-    case 1:
-      panel_columns<1, 8>(x_rest, reduction, panels, columns, out_rest, out_stride, accumulate);
-      break;
-    default:
-      break;
-  }
+  for_batch_blocks(batch, [&](auto rows, auto vectors, int64_t b) {
+    panel_columns<decltype(rows)::value, decltype(vectors)::value>(
+        x + b, reduction, panels, columns, out + b * out_stride, out_stride, accumulate);
+  });
 }
 
 // grad_weight[r, k] (+)= sum over kBatch rows of g[b, r] x_b[k], for rows [first_row, end_row):
