@@ -61,6 +61,10 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
 
 }  // namespace
 
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (poison_outputs.load(std::memory_order_relaxed)) {
     return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);

@@ -14,6 +14,21 @@ namespace lstm_fused {
 // NaN-filled first, so an element a kernel forgets to write fails the comparison tests.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// An optional argument as the kernels read it: contiguous, or undefined when absent (an unused
+// output's gradient, a missing bias)...
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+
+// ...and its data, null when undefined.
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_data_or_null(at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
 // Shapes, dtypes and devices of cell_forward's arguments; raises naming the argument,
 // what was expected and what was given.
 void check_cell_forward_args(

@@ -121,8 +121,7 @@ at::Tensor previous_hidden_states(const at::Tensor& output, const at::Tensor& hx
 }
 
 bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
-  return input.device().is_cpu() && input.scalar_type() == at::kFloat &&
-      hx.size(0) <= cpu::small_batch::kMaxBatch && cpu::small_batch::available();
+  return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles(hx.size(0));
 }
 
 int small_batch_threads(int64_t batch, int64_t hidden_size) {
@@ -163,11 +162,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
     at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size)}, options);
     small_batch::pack_gate_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, gate_panels.mutable_data_ptr<float>());
     const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
-    const at::Tensor bias_hh_c = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+    const at::Tensor bias_hh_c = contiguous_or_undefined(bias_hh);
     gates = gates.contiguous();
     cpu::small_batch::sequence_forward(
         {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, gate_panels.const_data_ptr<float>(),
-         bias_hh_c.defined() ? bias_hh_c.const_data_ptr<float>() : nullptr, hx_c.const_data_ptr<float>(),
+         data_or_null<float>(bias_hh_c), hx_c.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(),
          cell_states.mutable_data_ptr<float>(), hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
         small_batch_threads(batch, hidden_size));
@@ -308,10 +307,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (takes_small_batch_path(input, hx)) {
     // The fused recurrence writes every step's gate gradients whether or not they are kept.
     grad_preactivations = new_output({total_rows, 4 * hidden_size}, options);
-    const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
-      return t.has_value() ? t->contiguous() : at::Tensor();
-    };
-    const auto data_or_null = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; };
     const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);
     const at::Tensor grad_cell_states_c = contiguous_or_undefined(grad_cell_states);
     const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
@@ -328,8 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     cpu::small_batch::sequence_backward(
         {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, unit_panels.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
-         data_or_null(grad_output_c), data_or_null(grad_cell_states_c), data_or_null(grad_gates_c),
-         data_or_null(grad_hy_c), data_or_null(grad_cy_c), grad_preactivations.mutable_data_ptr<float>(),
+         data_or_null<float>(grad_output_c), data_or_null<float>(grad_cell_states_c),
+         data_or_null<float>(grad_gates_c), data_or_null<float>(grad_hy_c), data_or_null<float>(grad_cy_c),
+         grad_preactivations.mutable_data_ptr<float>(),
          grad_hx.mutable_data_ptr<float>(), grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(),
          grad_cell.mutable_data_ptr<float>()},
         small_batch_threads(batch, hidden_size));

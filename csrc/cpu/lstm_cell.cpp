@@ -20,21 +20,9 @@ using cpu::gate_rows;
 using cpu::GateRows;
 namespace small_batch = cpu::small_batch;
 
+// input as the cell ops' checks left it: 2-D.
 bool takes_small_batch_path(const at::Tensor& input) {
-  return input.scalar_type() == at::kFloat && input.size(0) <= small_batch::kMaxBatch && small_batch::available();
-}
-
-const float* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<float>() : nullptr;
-}
-
-float* mutable_data_or_null(at::Tensor& t) {
-  return t.defined() ? t.mutable_data_ptr<float>() : nullptr;
-}
-
-// The contiguous tensor, or an undefined one for an absent optional.
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
+  return input.scalar_type() == at::kFloat && small_batch::handles(input.size(0));
 }
 
 // A few ns of transcendental math per hidden unit: chunks of this many units keep the threads'
@@ -114,10 +102,10 @@ void cell_pointwise_cpu(
   const int64_t batch = gates.size(0);
   const int64_t hidden_size = gates.size(1) / 4;
   const at::Tensor cx_contiguous = cx.contiguous();
-  const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_or_undefined(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "lstm_fused_cell_pointwise_cpu", [&] {
     scalar_t* gates_data = gates.data_ptr<scalar_t>();
-    const scalar_t* bias_data = bias_contiguous.defined() ? bias_contiguous.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_data = data_or_null<scalar_t>(bias_contiguous);
     const scalar_t* cx_data = cx_contiguous.const_data_ptr<scalar_t>();
     scalar_t* hy_data = hy.data_ptr<scalar_t>();
     scalar_t* cy_data = cy.data_ptr<scalar_t>();
@@ -163,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
     small_batch::cell_forward(
         {batch, input_size, hidden_size, input_c.const_data_ptr<float>(), hx_c.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), weight_ih_c.const_data_ptr<float>(), weight_hh_c.const_data_ptr<float>(),
-         data_or_null(bias_ih_c), data_or_null(bias_hh_c), gates.mutable_data_ptr<float>(),
+         data_or_null<float>(bias_ih_c), data_or_null<float>(bias_hh_c), gates.mutable_data_ptr<float>(),
          hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
         small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads()));
     return {hy, cy, gates};
@@ -204,12 +192,9 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cpu(
   const at::Tensor gates_c = gates.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_fused_cell_gate_grads_cpu", [&] {
-    const auto data_or_null = [](const at::Tensor& t) -> const scalar_t* {
-      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-    };
-    const scalar_t* grad_hy_data = data_or_null(grad_hy_c);
-    const scalar_t* grad_cy_data = data_or_null(grad_cy_c);
-    const scalar_t* grad_gates_data = data_or_null(grad_gates_c);
+    const scalar_t* grad_hy_data = data_or_null<scalar_t>(grad_hy_c);
+    const scalar_t* grad_cy_data = data_or_null<scalar_t>(grad_cy_c);
+    const scalar_t* grad_gates_data = data_or_null<scalar_t>(grad_gates_c);
     const scalar_t* cx_data = cx_c.const_data_ptr<scalar_t>();
     const scalar_t* cy_data = cy_c.const_data_ptr<scalar_t>();
     const scalar_t* gates_data = gates_c.const_data_ptr<scalar_t>();
@@ -248,11 +233,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     std::array<bool, 6> output_mask) {
-  check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
-  if (!takes_small_batch_path(input)) {
+  // The composite checks its arguments itself; the path's test reads only input's dtype and size(0).
+  if (input.dim() != 2 || !takes_small_batch_path(input)) {
     return cell_backward_composite(
         grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask);
   }
+  check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
   auto [grad_preactivation, grad_cx] = cell_gate_grads_cpu(grad_hy, grad_cy, grad_gates, cx, cy, gates);
   const int64_t batch = input.size(0);
   const int64_t input_size = input.size(1);
@@ -271,8 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   small_batch::cell_backward_products(
       {batch, input_size, hidden_size, grad_preactivation.const_data_ptr<float>(), input_c.const_data_ptr<float>(),
        hx_c.const_data_ptr<float>(), weight_ih_c.const_data_ptr<float>(), weight_hh_c.const_data_ptr<float>(),
-       mutable_data_or_null(grad_input), mutable_data_or_null(grad_hx), mutable_data_or_null(grad_weight_ih),
-       mutable_data_or_null(grad_weight_hh), mutable_data_or_null(grad_bias)},
+       mutable_data_or_null<float>(grad_input), mutable_data_or_null<float>(grad_hx),
+       mutable_data_or_null<float>(grad_weight_ih), mutable_data_or_null<float>(grad_weight_hh),
+       mutable_data_or_null<float>(grad_bias)},
       small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads()));
   const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, options); };
   return {or_empty(grad_input), or_empty(grad_hx), output_mask[2] ? grad_cx : at::empty({0}, options),

@@ -33,8 +33,8 @@ namespace small_batch {
 // The largest batch the path takes: above it the library's blocked GEMMs win.
 constexpr int64_t kMaxBatch = 16;
 
-// Whether this CPU runs the path (AVX2 and FMA).
-bool available();
+// Whether the path takes a batch of this many rows on this CPU (which needs AVX2 and FMA).
+bool handles(int64_t batch);
 
 // How many threads, of at most max_threads, a step of this many multiply-adds is worth: below
 // tens of thousands, waking a second thread costs more than it saves.

@@ -1,6 +1,6 @@
 // The loops of small_batch.h: three AVX2 product kernels over row-major weights, the pointwise
 // cell math of cell_units.h on 8 lanes, and the thread layout that fuses them. Compiled for
-// AVX2+FMA by the pragma and entered only after available() said yes; like cell_units_avx2.cpp it
+// AVX2+FMA by the pragma and entered only after handles() said yes; like cell_units_avx2.cpp it
 // includes no ATen or c10 header (see float8_avx2.h).
 #pragma GCC target("avx2,fma")
 
@@ -621,8 +621,8 @@ void for_each_gate_rows(int64_t hidden_size, int64_t first, int64_t end, const F
 
 }  // namespace
 
-bool available() {
-  return have_avx2();
+bool handles(int64_t batch) {
+  return batch <= kMaxBatch && have_avx2();
 }
 
 int64_t panel_count(int64_t hidden_size) {

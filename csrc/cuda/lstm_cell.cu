@@ -424,8 +424,8 @@ void launch_fused_forward(
           cx.const_data_ptr<scalar_t>(),
           weight_ih_data,
           weight_hh_data,
-          bias_ih.defined() ? bias_ih.const_data_ptr<scalar_t>() : nullptr,
-          bias_hh.defined() ? bias_hh.const_data_ptr<scalar_t>() : nullptr,
+          data_or_null<scalar_t>(bias_ih),
+          data_or_null<scalar_t>(bias_hh),
           hy.mutable_data_ptr<scalar_t>(),
           cy.mutable_data_ptr<scalar_t>(),
           gates.mutable_data_ptr<scalar_t>(),
@@ -599,7 +599,7 @@ void cell_pointwise_cuda(
     return;  // nothing to write, and a zero-size grid is a launch error
   }
   const at::Tensor cx_contiguous = cx.contiguous();
-  const at::Tensor bias_contiguous = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_contiguous = contiguous_or_undefined(bias);
   const auto launch = pointwise_launch(batch, hidden_size);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "lstm_fused_cell_pointwise_cuda", [&] {
@@ -691,8 +691,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cuda(
   const at::Tensor cx_c = cx.contiguous();
   const at::Tensor weight_ih_c = weight_ih.contiguous();
   const at::Tensor weight_hh_c = weight_hh.contiguous();
-  const at::Tensor bias_ih_c = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
-  const at::Tensor bias_hh_c = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+  const at::Tensor bias_ih_c = contiguous_or_undefined(bias_ih);
+  const at::Tensor bias_hh_c = contiguous_or_undefined(bias_hh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_cell_forward_cuda", [&] {
     launch_fused_forward_for_batch<scalar_t>(
         input_c, hx_c, cx_c, weight_ih_c, weight_hh_c, bias_ih_c, bias_hh_c, hy, cy, gates);
@@ -718,9 +718,6 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cuda(
     return {grad_preactivation, grad_cx};
   }
 
-  const auto contiguous_or_undefined = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? t->contiguous() : at::Tensor();
-  };
   const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy);
   const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
   const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
@@ -731,14 +728,11 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cuda(
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cx.scalar_type(), "lstm_fused_cell_gate_grads_cuda", [&] {
-    const auto data_or_null = [](const at::Tensor& t) -> const scalar_t* {
-      return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-    };
     const auto run = [&](auto kernel) {
       kernel<<<launch.grid, launch.block, 0, stream>>>(
-          data_or_null(grad_hy_c),
-          data_or_null(grad_cy_c),
-          data_or_null(grad_gates_c),
+          data_or_null<scalar_t>(grad_hy_c),
+          data_or_null<scalar_t>(grad_cy_c),
+          data_or_null<scalar_t>(grad_gates_c),
           cx_c.const_data_ptr<scalar_t>(),
           cy_c.const_data_ptr<scalar_t>(),
           gates_c.const_data_ptr<scalar_t>(),
