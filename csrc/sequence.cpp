@@ -3,7 +3,7 @@
 //
 // The loop is built from dispatcher calls (matrix products through matmul.h, the cell's
 // cell_pointwise_ and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop
-// drives the CPU kernels and the CUDA ones. On the CPU, float32 batches of at most 16 go instead to
+// drives the CPU kernels and the CUDA ones. On the CPU, float32 batches of at most 64 go instead to
 // cpu/small_batch.h's fused recurrence, where a step makes no library call. The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
@@ -121,7 +121,7 @@ at::Tensor previous_hidden_states(const at::Tensor& output, const at::Tensor& hx
 }
 
 bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
-  return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles(hx.size(0));
+  return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
 }
 
 int small_batch_threads(int64_t batch, int64_t hidden_size) {

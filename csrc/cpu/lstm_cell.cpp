@@ -22,7 +22,7 @@ namespace small_batch = cpu::small_batch;
 
 // input as the cell ops' checks left it: 2-D.
 bool takes_small_batch_path(const at::Tensor& input) {
-  return input.scalar_type() == at::kFloat && small_batch::handles(input.size(0));
+  return input.scalar_type() == at::kFloat && small_batch::handles_cell(input.size(0));
 }
 
 // A few ns of transcendental math per hidden unit: chunks of this many units keep the threads'
