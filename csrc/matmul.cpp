@@ -99,7 +99,20 @@ std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::v
   std::vector<at::Tensor> products;
   // As linear products: x = left^T, weight = right^T.
   const at::Tensor left_t = left.t();
-  if (std::all_of(rights.begin(), rights.end(), [&](const at::Tensor& right) { return uses_onednn(left_t.size(0), right.t()); })) {
+  // oneDNN wants left^T contiguous, and transposing a tall left (every step's gate gradients) is
+  // slow: ATen's transposing copy ran at about 1 GB/s here (B=64 H=256 T=512: 150 ms of a 1.5 s
+  // training step). BLAS reads the transposed operand in place. So oneDNN only where its AVX-512
+  // code beats MKL's AVX2 code on AMD CPUs (see matmul.h); on AVX2-only CPUs MKL took 7.0 against
+  // 7.4 + 1.1 (transpose) ms at [1024,1024]^T x [1024,256], 274-375 against 438-499 ms for both
+  // weight gradients at 32768 rows, and lf.LSTM's training step went from 1.01x to 1.18x nn.LSTM's
+  // speed at B=64 H=256 T=512 (0.98x to 1.10x at B=16).
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool onednn_is_faster = __builtin_cpu_supports("avx512f");
+#else
+  static const bool onednn_is_faster = true;  // no MKL there: keep the library ATen prefers
+#endif
+  if (onednn_is_faster &&
+      std::all_of(rights.begin(), rights.end(), [&](const at::Tensor& right) { return uses_onednn(left_t.size(0), right.t()); })) {
     // The op takes its left operand contiguous: transpose once for all products. Its right
     // operand (weight) may be strided.
     const at::Tensor left_t_contiguous = left_t.contiguous();

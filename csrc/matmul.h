@@ -20,8 +20,9 @@ at::Tensor linear_product(const at::Tensor& x, const at::Tensor& weight, const s
 // out = x @ weight^T, or out += x @ weight^T when accumulate. out: a contiguous [rows, features].
 void linear_product_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, bool accumulate);
 
-// left^T @ right for each right: the weight gradients G^T X, G^T H of all steps at once. left is
-// transposed once where the library wants its operands contiguous.
+// left^T @ right for each right: the weight gradients G^T X, G^T H of all steps at once. Through
+// oneDNN after one transpose of left on CPUs with AVX-512; elsewhere through BLAS, which reads left
+// transposed in place (a transpose of every step's gate gradients costs more than oneDNN saves).
 std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::vector<at::Tensor>& rights);
 
 // weight as linear_product_into should hold it when it multiplies `uses` batches of at most `batch`
