@@ -277,6 +277,32 @@ std::tuple<at::Tensor, at::Tensor> dispatch_cell_gate_grads(
   return op.call(grad_hy, grad_cy, grad_gates, cx, cy, gates);
 }
 
+InputAndWeightGrads input_and_weight_grads(
+    const at::Tensor& grad_preactivation,
+    const at::Tensor& input,
+    const at::Tensor& hidden,
+    const at::Tensor& weight_ih,
+    const std::array<bool, 6>& output_mask) {
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  // The weight gradients G^T x and G^T h share G^T: one transpose for both where it is needed.
+  std::vector<at::Tensor> weight_grad_operands;
+  if (output_mask[3]) {
+    weight_grad_operands.push_back(input);
+  }
+  if (output_mask[4]) {
+    weight_grad_operands.push_back(hidden);
+  }
+  const std::vector<at::Tensor> weight_grads =
+      weight_grad_operands.empty() ? std::vector<at::Tensor>() : transposed_products(grad_preactivation, weight_grad_operands);
+  return {
+      output_mask[0] ? linear_product(grad_preactivation, weight_ih.t(), std::nullopt) : empty(),
+      output_mask[3] ? weight_grads.front() : empty(),
+      output_mask[4] ? weight_grads.back() : empty(),
+      // A single row needs no reduction: it is the bias gradient.
+      output_mask[5] ? (grad_preactivation.size(0) == 1 ? grad_preactivation[0] : grad_preactivation.sum(0)) : empty(),
+  };
+}
+
 // The matrix products of the backward through matmul.h (oneDNN, MKL/OpenBLAS or cuBLAS); only the
 // pointwise gate gradients are device kernels. output_mask says which of (input, hx, cx,
 // weight_ih, weight_hh, bias) autograd wants; the others come back empty.
@@ -300,25 +326,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto [grad_preactivation, grad_cx] = dispatch_cell_gate_grads(grad_hy, grad_cy, grad_gates, cx, cy, gates);
   const auto empty = [&] { return at::empty({0}, input.options()); };
-  // The weight gradients G^T x and G^T h share G^T: one transpose for both where it is needed.
-  std::vector<at::Tensor> weight_grad_operands;
-  if (output_mask[3]) {
-    weight_grad_operands.push_back(input);
-  }
-  if (output_mask[4]) {
-    weight_grad_operands.push_back(hx);
-  }
-  std::vector<at::Tensor> weight_grads =
-      weight_grad_operands.empty() ? std::vector<at::Tensor>() : transposed_products(grad_preactivation, weight_grad_operands);
-  auto next_weight_grad = weight_grads.begin();
+  const InputAndWeightGrads grads = input_and_weight_grads(grad_preactivation, input, hx, weight_ih, output_mask);
   return {
-      output_mask[0] ? linear_product(grad_preactivation, weight_ih.t(), std::nullopt) : empty(),
+      grads.input,
       output_mask[1] ? linear_product(grad_preactivation, weight_hh.t(), std::nullopt) : empty(),
       output_mask[2] ? grad_cx : empty(),
-      output_mask[3] ? *next_weight_grad++ : empty(),
-      output_mask[4] ? *next_weight_grad++ : empty(),
-      // A batch of one needs no reduction: its row is the bias gradient.
-      output_mask[5] ? (grad_preactivation.size(0) == 1 ? grad_preactivation[0] : grad_preactivation.sum(0)) : empty(),
+      grads.weight_ih,
+      grads.weight_hh,
+      grads.bias,
   };
 }
 

@@ -86,6 +86,25 @@ std::tuple<at::Tensor, at::Tensor> dispatch_cell_gate_grads(
     const at::Tensor& cy,
     const at::Tensor& gates);
 
+// The products of a backward that the cell and the sequence share, from the gate pre-activation
+// gradients G (a row per batch row, or per step and batch row): grad_input = G W_ih,
+// grad_weight_ih = G^T input, grad_weight_hh = G^T hidden (hidden: the states those rows
+// multiplied by W_hh, read only when output_mask[4]), grad_bias = the column sums of G. Each only
+// where output_mask (the backward ops': input, hx, cx, weight_ih, weight_hh, bias) asks for it,
+// else an empty tensor.
+struct InputAndWeightGrads {
+  at::Tensor input;
+  at::Tensor weight_ih;
+  at::Tensor weight_hh;
+  at::Tensor bias;
+};
+InputAndWeightGrads input_and_weight_grads(
+    const at::Tensor& grad_preactivation,
+    const at::Tensor& input,
+    const at::Tensor& hidden,
+    const at::Tensor& weight_ih,
+    const std::array<bool, 6>& output_mask);
+
 // cell_backward from device ops and library products alone: the kernel of every device but the
 // CPU, and the CPU's above the small-batch path.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cell_backward_composite(

@@ -337,22 +337,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // The products over all steps at once: one large GEMM each instead of T small ones.
   const auto empty = [&] { return at::empty({0}, options); };
-  std::vector<at::Tensor> weight_grad_operands;
-  if (output_mask[3]) {
-    weight_grad_operands.push_back(input);
-  }
-  if (output_mask[4]) {
-    weight_grad_operands.push_back(previous_hidden_states(output, hx, steps, reverse));
-  }
-  const std::vector<at::Tensor> weight_grads =
-      weight_grad_operands.empty() ? std::vector<at::Tensor>() : transposed_products(grad_preactivations, weight_grad_operands);
+  const InputAndWeightGrads grads = input_and_weight_grads(
+      grad_preactivations, input, output_mask[4] ? previous_hidden_states(output, hx, steps, reverse) : at::Tensor(),
+      weight_ih, output_mask);
   return {
-      output_mask[0] ? linear_product(grad_preactivations, weight_ih.t(), std::nullopt) : empty(),
+      grads.input,
       output_mask[1] ? grad_hx : empty(),
       output_mask[2] ? grad_cx : empty(),
-      output_mask[3] ? weight_grads.front() : empty(),
-      output_mask[4] ? weight_grads.back() : empty(),
-      output_mask[5] ? grad_preactivations.sum(0) : empty(),
+      grads.weight_ih,
+      grads.weight_hh,
+      grads.bias,
   };
 }
 

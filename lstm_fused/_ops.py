@@ -69,16 +69,21 @@ def _sequence_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bia
     )
 
 
+def _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh):
+    """The backward ops' outputs: a gradient shaped like each of input, hx, cx, weight_ih,
+    weight_hh and the bias where output_mask asks for it, an empty tensor where not."""
+    wanted = zip(output_mask, (input, hx, cx, weight_ih, weight_hh, weight_hh[:, 0]))
+    return tuple(input.new_empty(like.shape) if want else input.new_empty(0) for want, like in wanted)
+
+
 @torch.library.register_fake("lstm_fused::sequence_backward")
 def _sequence_backward_fake(
     grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx,
     weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
 ):
-    wanted = zip(output_mask, (input, hx, cx, weight_ih, weight_hh, weight_hh[:, 0]))
-    return tuple(input.new_empty(like.shape) if want else input.new_empty(0) for want, like in wanted)
+    return _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh)
 
 
 @torch.library.register_fake("lstm_fused::cell_backward")
 def _cell_backward_fake(grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask):
-    wanted = zip(output_mask, (input, hx, cx, weight_ih, weight_hh, weight_hh[:, 0]))
-    return tuple(input.new_empty(like.shape) if want else input.new_empty(0) for want, like in wanted)
+    return _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh)
