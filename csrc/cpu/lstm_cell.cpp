@@ -25,6 +25,11 @@ bool takes_small_batch_path(const at::Tensor& input) {
   return input.scalar_type() == at::kFloat && small_batch::handles_cell(input.size(0));
 }
 
+// The threads a cell step's products are worth, forward or backward (the same multiply-adds).
+int small_batch_threads(int64_t batch, int64_t input_size, int64_t hidden_size) {
+  return small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads());
+}
+
 // A few ns of transcendental math per hidden unit: chunks of this many units keep the threads'
 // start-up cost (a few microseconds) small against their work.
 constexpr int64_t kUnitsPerTask = 4096;
@@ -153,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cpu(
          cx_c.const_data_ptr<float>(), weight_ih_c.const_data_ptr<float>(), weight_hh_c.const_data_ptr<float>(),
          data_or_null<float>(bias_ih_c), data_or_null<float>(bias_hh_c), gates.mutable_data_ptr<float>(),
          hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
-        small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads()));
+        small_batch_threads(batch, input_size, hidden_size));
     return {hy, cy, gates};
   }
 
@@ -260,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
        mutable_data_or_null<float>(grad_input), mutable_data_or_null<float>(grad_hx),
        mutable_data_or_null<float>(grad_weight_ih), mutable_data_or_null<float>(grad_weight_hh),
        mutable_data_or_null<float>(grad_bias)},
-      small_batch::threads_for(batch * 4 * hidden_size * (input_size + hidden_size), at::get_num_threads()));
+      small_batch_threads(batch, input_size, hidden_size));
   const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, options); };
   return {or_empty(grad_input), or_empty(grad_hx), output_mask[2] ? grad_cx : at::empty({0}, options),
           or_empty(grad_weight_ih), or_empty(grad_weight_hh), or_empty(grad_bias)};
