@@ -106,6 +106,9 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
                              const at::Tensor&,
                              std::array<bool, 6>)>();
     const std::array<bool, 6> output_mask{needs[0], needs[1], needs[2], needs[3], needs[4], needs[5] || needs[6]};
+    // Grad mode is off here, so nothing needs recording: straight to the kernel, past the boxed
+    // autograd fallback (a few microseconds of a batch-1 step).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
         optional(grad_outputs[0]),
         optional(grad_outputs[1]),

@@ -89,6 +89,21 @@ def _autocast_cell(tensors, device_type):
     return [t.to(dtype) if t is not None else t for t in tensors]
 
 
+def _is_plain_batched_call(input, hx) -> bool:
+    """2-D input, a (h_0, c_0) tuple of 2-D tensors, autocast off: nothing for Python to adapt."""
+    return (
+        type(hx) is tuple
+        and len(hx) == 2
+        and isinstance(input, Tensor)
+        and isinstance(hx[0], Tensor)
+        and isinstance(hx[1], Tensor)
+        and input.dim() == 2
+        and hx[0].dim() == 2
+        and hx[1].dim() == 2
+        and not torch._C._is_any_autocast_enabled()
+    )
+
+
 def lstm_cell(
     input: Tensor,
     hx: Optional[Tuple[Tensor, Tensor]],
@@ -104,6 +119,17 @@ def lstm_cell(
     input is (batch, input_size) or unbatched (input_size,); hx is (h_0, c_0) shaped like the
     hidden state, or None for zeros. With ``return_gates=True`` returns ``(h_1, c_1, gates)`` where
     gates is an :class:`LSTMGates` of the activated i, f, g, o."""
+    if _is_plain_batched_call(input, hx):
+        # The op's own checks cover these arguments. At batch 1 the Python below is a tenth of a
+        # training step, which is why the common call skips it.
+        try:
+            h_1, c_1, gates = ops.cell_forward(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh)
+        except NotImplementedError:
+            _kernel_device_type(input)  # says how to rebuild where the CUDA kernels are missing
+            raise
+        if not return_gates:
+            return h_1, c_1
+        return h_1, c_1, LSTMGates(*gates.chunk(4, dim=-1))
     input, h_0, c_0, batched = prepare_cell_args(input, hx, weight_hh.shape[-1])
     device_type = _kernel_device_type(input)
     args = _autocast_cell([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], device_type)
