@@ -50,6 +50,8 @@ TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, to
 TIMES_BASELINE_ERROR = 4
 
 WARMUP_CALLS = 3  # the first calls allocate, pick GEMM algorithms and, for torch.compile, compile
+TIMING_ROUNDS = 5  # at most: a case's implementations are timed in turn, this many times over
+FLOOR_PREFIX = "floor:"  # the floor's products, timed among the implementations
 
 FULL_GRID = dict(batch=[1, 8, 64, 256], hidden=[64, 256, 1024], steps=[1, 32], min_run_time=0.5)
 QUICK_GRID = dict(batch=[1, 64], hidden=[64, 256], steps=[1, 32], min_run_time=0.05)
@@ -342,14 +344,51 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def measure(call: Callable, threads: int, min_run_time: float, device: torch.device):
-    """torch.utils.benchmark Measurement of call, after warm-up."""
-    for _ in range(WARMUP_CALLS):
-        call()
-    synchronize(device)
+def measure_interleaved(
+    calls: Dict[str, Callable], threads: int, min_run_time: float, device: torch.device
+) -> Tuple[Dict[str, "torch_benchmark.Measurement"], Dict[str, Exception]]:
+    """torch.utils.benchmark Measurements of every call, after warm-up, taken in up to
+    TIMING_ROUNDS rounds that each time every call in turn for min_run_time / rounds; each call's
+    blocks of all rounds are merged. A stall of the machine then slows the blocks of every
+    implementation of the case alike, instead of the one that happened to be timed during it.
+    Calls slower than a round's share get fewer rounds (one, at worst, as without rounds).
+    Returns the measurements and, apart, the exception of each call that raised (it is timed no
+    further)."""
+    errors: Dict[str, Exception] = {}
+    seconds_per_call = {}
+    for name, call in calls.items():
+        try:
+            for _ in range(WARMUP_CALLS - 1):
+                call()
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            seconds_per_call[name] = time.perf_counter() - start
+        except Exception as error:
+            errors[name] = error
+    slowest = max(seconds_per_call.values(), default=min_run_time)
+    rounds = max(1, min(TIMING_ROUNDS, int(min_run_time / max(slowest, 1e-9))))
     # The Timer synchronizes the accelerator around every block of calls and runs with `threads`.
-    timer = torch_benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time)
+    timers = {
+        name: torch_benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
+        for name, call in calls.items()
+    }
+    blocks: Dict[str, list] = {name: [] for name in seconds_per_call}
+    for _ in range(rounds):
+        for name in blocks:
+            if name in errors:
+                continue
+            try:
+                blocks[name].append(timers[name].blocked_autorange(min_run_time=min_run_time / rounds))
+            except Exception as error:
+                errors[name] = error
+    merged = {
+        name: torch_benchmark.Measurement.merge(measurements)[0]
+        for name, measurements in blocks.items()
+        if name not in errors
+    }
+    return merged, errors
 
 
 def peak_memory_mib(call: Callable, device: torch.device) -> Optional[float]:
@@ -478,25 +517,35 @@ def check_case(
 
 def time_case(case: Case, prepared: Dict[str, Prepared], problem: Problem, outcomes, min_run_time) -> CaseResult:
     device, threads = torch.device(case.shape.device), case.shape.threads
-    for name, implementation in prepared.items():
+    # A wrong answer gets no time: a fast wrong answer is no result.
+    calls = {
+        name: make_call(implementation, problem, case.mode)
+        for name, implementation in prepared.items()
+        if outcomes[name].status == "ok"
+    }
+    floor_calls = {
+        FLOOR_PREFIX + library: matrix_product_floor(problem, case.mode, linear)
+        for library, linear in product_libraries(problem).items()
+    }
+    measurements, errors = measure_interleaved({**calls, **floor_calls}, threads, min_run_time, device)
+    for name, call in calls.items():
         outcome = outcomes[name]
-        if outcome.status != "ok":
-            continue  # a wrong answer gets no time: a fast wrong answer is no result
         try:
-            call = make_call(implementation, problem, case.mode)
-            measurement = measure(call, threads, min_run_time, device)
-            outcome.median_ms, outcome.iqr_ms = measurement.median * 1e3, measurement.iqr * 1e3
-            outcome.peak_memory_mib = peak_memory_mib(call, device)
+            outcome.peak_memory_mib = peak_memory_mib(call, device) if name not in errors else None
         except Exception as error:
-            outcome.status, outcome.message = "FAILED", f"raised {type(error).__name__}: {error}"
+            errors[name] = error
+        if name in errors:
+            outcome.status, outcome.message = "FAILED", f"raised {type(errors[name]).__name__}: {errors[name]}"
+            continue
+        outcome.median_ms, outcome.iqr_ms = measurements[name].median * 1e3, measurements[name].iqr * 1e3
     baseline = outcomes.get(BASELINE)
     for outcome in outcomes.values():
         if outcome.median_ms and baseline is not None and baseline.median_ms:
             outcome.speedup_vs_nn = baseline.median_ms / outcome.median_ms
-    floors = {
-        library: measure(matrix_product_floor(problem, case.mode, linear), threads, min_run_time, device).median * 1e3
-        for library, linear in product_libraries(problem).items()
-    }
+    for name in floor_calls:
+        if name in errors:
+            raise errors[name]  # ATen's own products failing: nothing of this case can be trusted
+    floors = {name[len(FLOOR_PREFIX):]: measurements[name].median * 1e3 for name in floor_calls}
     return CaseResult(case, outcomes, min(floors.values()), floors)
 
 
