@@ -264,3 +264,31 @@ def test_small_batch_path(helpers, batch, input_size, hidden_size, threads):
                            helpers.state(batch, hidden_size, torch.float32))
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("return_gates", [False, True])
+def test_direct_and_adapting_call_paths_agree(helpers, return_gates):
+    """lf.lstm_cell sends a 2-D input with a (h_0, c_0) tuple straight to the op and adapts every
+    other call in Python first; a list [h_0, c_0] takes the second path with the same numbers.
+    Both must give the same outputs, gates and gradients, and match nn.LSTMCell."""
+    torch_cell, fused_cell, _ = helpers.cells(7, 5, True, torch.float32)
+    input = helpers.randn(3, 7)
+    h_0, c_0 = helpers.state(3, 5)
+    weights = list(fused_cell.parameters())
+    results = []
+    for make_hx in (tuple, list):
+        x, h, c = helpers.leaves([input, h_0, c_0])
+        outputs = lf.lstm_cell(x, make_hx((h, c)), *weights, return_gates=return_gates)
+        loss = sum((t * (i + 1)).sum() for i, t in enumerate(outputs[:2]))
+        if return_gates:
+            loss = loss + sum((g * (i + 3)).sum() for i, g in enumerate(outputs[2]))
+        grads = torch.autograd.grad(loss, [x, h, c, *weights])
+        results.append((outputs, grads))
+    (direct_outputs, direct_grads), (adapted_outputs, adapted_grads) = results
+    assert torch.equal(direct_outputs[0], adapted_outputs[0]) and torch.equal(direct_outputs[1], adapted_outputs[1])
+    if return_gates:
+        assert all(torch.equal(a, b) for a, b in zip(direct_outputs[2], adapted_outputs[2]))
+    assert all(torch.equal(a, b) for a, b in zip(direct_grads, adapted_grads))
+    expected_h, expected_c = torch_cell(input, (h_0, c_0))
+    helpers.assert_close(direct_outputs[0], expected_h)
+    helpers.assert_close(direct_outputs[1], expected_c)
