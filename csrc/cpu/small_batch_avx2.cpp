@@ -818,8 +818,10 @@ struct SequenceShare {
   int64_t first_row, end_row;    // batch rows, of the widest step
   bool meets_every_step;         // whether step k + 1 reads what other threads wrote at step k
 
-  bool empty() const { return first_unit >= end_unit || first_row >= end_row; }
-  int64_t rows_at(const RecurrenceStep& step) const { return std::max<int64_t>(0, std::min(end_row, step.batch) - first_row); }
+  // The rows of this step the thread works on: none where it owns no units.
+  int64_t rows_at(const RecurrenceStep& step) const {
+    return first_unit >= end_unit ? 0 : std::max<int64_t>(0, std::min(end_row, step.batch) - first_row);
+  }
 };
 
 int64_t widest_step(const RecurrenceStep* steps, int64_t num_steps) {
@@ -866,7 +868,7 @@ void sequence_forward(const SequenceForward& a, int threads) {
 #pragma omp barrier
       }
       const int64_t rows = share.rows_at(step);
-      if (share.empty() || rows == 0) {
+      if (rows == 0) {
         continue;
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -907,7 +909,7 @@ void sequence_backward(const SequenceBackward& a, int threads) {
     const float* grad_rows[kMaxBatch];
     for (int64_t k = a.num_steps - 1; k >= 0; --k) {
       const RecurrenceStep& step = a.steps[k];
-      const int64_t rows = share.empty() ? 0 : share.rows_at(step);
+      const int64_t rows = share.rows_at(step);
       const int64_t end_row = share.first_row + rows;
       for (int64_t b = std::max(step.ending, share.first_row); b < end_row; ++b) {
         // A sequence's last step: its gradients start from h_n's and c_n's.
