@@ -1,9 +1,10 @@
-"""Loads the compiled operators and gives them what torch.compile needs: fake (meta)
-implementations. Their autograd (the hand-written backward) is registered in C++
-(csrc/autograd.cpp)."""
+"""Loads the compiled operators and gives them what torch.compile needs, fake (meta)
+implementations, and what FlopCounterMode needs, FLOP formulas. Their autograd (the hand-written
+backward) is registered in C++ (csrc/autograd.cpp)."""
 import os
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 
 def _load_extension():
@@ -87,3 +88,40 @@ def _sequence_backward_fake(
 @torch.library.register_fake("lstm_fused::cell_backward")
 def _cell_backward_fake(grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask):
     return _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh)
+
+
+# FLOP counts for torch.utils.flop_counter.FlopCounterMode (and the tools built on it): the
+# operators' matrix products, 2 flops a multiply-add, as it counts nn.LSTMCell's addmm and mm; the
+# pointwise math is not counted, as it is not for nn.LSTMCell. Shapes arrive in place of tensors.
+def _product_flops(rows, gate_width, input_size, hidden_size, input_products, hidden_products):
+    return 2 * rows * gate_width * (input_products * input_size + hidden_products * hidden_size)
+
+
+@register_flop_formula(ops.cell_forward)
+def _cell_forward_flops(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, out_shape=None, **kwargs):
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1)
+
+
+@register_flop_formula(ops.sequence_forward)
+def _sequence_forward_flops(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
+                            out_shape=None, **kwargs):
+    # Every row of input is one step of one sequence: one product with each weight.
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1)
+
+
+@register_flop_formula(ops.cell_backward)
+def _cell_backward_flops(grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates, weight_ih, weight_hh, output_mask,
+                         out_shape=None, **kwargs):
+    # grad input and grad W_ih are products with input's width, grad hx and grad W_hh with hidden's.
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1],
+                          output_mask[0] + output_mask[3], output_mask[1] + output_mask[4])
+
+
+@register_flop_formula(ops.sequence_backward)
+def _sequence_backward_flops(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx,
+                             weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
+                             out_shape=None, **kwargs):
+    # The gradient of every step's hidden state is a product whether or not grad hx is wanted:
+    # backpropagation through time needs it.
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1],
+                          output_mask[0] + output_mask[3], 1 + output_mask[4])

@@ -64,10 +64,16 @@ def _kernel_device_type(input: Tensor) -> str:
     return device_type
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False for device types autocast does not know (meta), where
+    asking raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _cast_to_autocast_dtype(tensors, device_type):
     """What autocast does to an op on its lower-precision list: every floating tensor but float64
     in the autocast dtype. lstm is on the list on the CPU and on CUDA, lstm_cell only on CUDA."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t is not None and t.dtype != torch.float64 else t for t in tensors]
@@ -83,10 +89,18 @@ def _autocast_cell(tensors, device_type):
     promoted dtype."""
     if device_type == "cuda":
         return _cast_to_autocast_dtype(tensors, device_type)
-    if not torch.is_autocast_enabled(device_type) or len({t.dtype for t in tensors if t is not None}) == 1:
+    if not _autocast_enabled(device_type) or len({t.dtype for t in tensors if t is not None}) == 1:
         return tensors
     dtype = torch.promote_types(torch.get_autocast_dtype(device_type), tensors[2].dtype)
     return [t.to(dtype) if t is not None else t for t in tensors]
+
+
+def _dense(tensor):
+    """A sparse tensor as a strided one, its gradient flowing back to the sparse one: nn.LSTMCell's
+    products take sparse input and states, the fused kernels only strided tensors."""
+    if isinstance(tensor, Tensor) and tensor.layout != torch.strided:
+        return tensor.to_dense(masked_grad=False)  # nn's gradient: every element, not the stored ones
+    return tensor
 
 
 def _is_plain_batched_call(input, hx) -> bool:
@@ -119,15 +133,21 @@ def lstm_cell(
     input is (batch, input_size) or unbatched (input_size,); hx is (h_0, c_0) shaped like the
     hidden state, or None for zeros. With ``return_gates=True`` returns ``(h_1, c_1, gates)`` where
     gates is an :class:`LSTMGates` of the activated i, f, g, o."""
-    if _is_plain_batched_call(input, hx):
+    plain = _is_plain_batched_call(input, hx)
+    if plain:
         # The op's own checks cover these arguments. The Python of the other branch was ~10 us of
         # a ~170 us training step at batch 1, which is why the common call skips it.
         try:
             h_1, c_1, gates = ops.cell_forward(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh)
         except NotImplementedError:
             _kernel_device_type(input)  # says how to rebuild where the CUDA kernels are missing
-            raise
-    else:
+            if all(t.layout == torch.strided for t in (input, *hx)):
+                raise
+            plain = False  # a sparse input or state: the other branch makes them strided
+    if not plain:
+        input = _dense(input)
+        if isinstance(hx, (tuple, list)):
+            hx = tuple(_dense(state) for state in hx)
         input, h_0, c_0, batched = prepare_cell_args(input, hx, weight_hh.shape[-1])
         device_type = _kernel_device_type(input)
         args = _autocast_cell([input, h_0, c_0, weight_ih, weight_hh, bias_ih, bias_hh], device_type)

@@ -111,3 +111,24 @@ def test_graph_calls_the_fused_op(helpers):
     assert sum(target in (fused_op, fused_op.default) for target in targets) == 1, targets
     for actual, wanted in zip([h_1, c_1, *gates], [*expected[:2], *expected[2]], strict=True):
         assert torch.equal(actual, wanted)
+
+
+@pytest.mark.parametrize("capture", ["export", "jit_trace"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, still used
+def test_exported_and_traced_cell_match_nn(helpers, capture):
+    """torch.export and torch.jit.trace record the fused op; the captured program, run on new
+    inputs, gives nn.LSTMCell's outputs."""
+    torch_cell, fused_cell, _ = helpers.cells(6, 4)
+    example = (helpers.randn(3, 6), helpers.state(3, 4))
+    if capture == "export":
+        program = torch.export.export(fused_cell, example)
+        targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+        assert torch.ops.lstm_fused.cell_forward.default in targets, targets
+        captured = program.module()
+    else:
+        captured = torch.jit.trace(fused_cell, example)
+        assert "lstm_fused::cell_forward" in str(captured.graph)
+    x, hx = helpers.randn(3, 6), helpers.state(3, 4)
+    with torch.no_grad():
+        for actual, expected in zip(captured(x, hx), torch_cell(x, hx), strict=True):
+            helpers.assert_close(actual, expected)

@@ -211,6 +211,16 @@ def test_non_contiguous_states():
     assert_all_close([actual[0], *actual[1]], [expected[0], *expected[1]], atol=1e-10)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_meta_device_like_nn_lstm(bidirectional):
+    """Shape inference on the meta device, as nn.LSTM allows."""
+    lstms = [cls(4, 3, num_layers=2, bidirectional=bidirectional, device="meta") for cls in (nn.LSTM, lf.LSTM)]
+    x = torch.empty(6, 5, 4, device="meta")
+    (expected, (expected_h, expected_c)), (actual, (actual_h, actual_c)) = (lstm(x) for lstm in lstms)
+    for a, e in zip((actual, actual_h, actual_c), (expected, expected_h, expected_c)):
+        assert (a.shape, a.device) == (e.shape, e.device)
+
+
 def test_empty_batch_like_nn_lstm():
     torch_lstm, fused_lstm = twin_lstms()
     x = torch.randn(3, 0, INPUT_SIZE, dtype=torch.float64)

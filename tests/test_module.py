@@ -226,6 +226,37 @@ def test_meta_device_construction():
     assert [p.shape for p in cell.parameters()] == [p.shape for p in nn.LSTMCell(4, 3).parameters()]
 
 
+@pytest.mark.parametrize("call", ["batched", "unbatched", "no_state"])
+def test_meta_device_forward_like_nn(call):
+    """Shape inference on the meta device (no data), as nn.LSTMCell allows."""
+    cells = [cls(4, 3, device="meta") for cls in (nn.LSTMCell, lf.LSTMCell)]
+    x = torch.empty(5, 4, device="meta") if call != "unbatched" else torch.empty(4, device="meta")
+    hx = None if call == "no_state" else (torch.empty(*x.shape[:-1], 3, device="meta"),) * 2
+    expected, actual = (cell(x, hx) for cell in cells)
+    assert [(t.shape, t.device, t.dtype) for t in actual] == [(t.shape, t.device, t.dtype) for t in expected]
+
+
+@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr], ids=["coo", "csr"])
+@pytest.mark.parametrize("sparse_state", [False, True], ids=["dense_state", "sparse_h_0"])
+def test_sparse_input_like_nn(helpers, layout, sparse_state):
+    """nn.LSTMCell's products take a sparse input (a one-hot batch, say): so does the fused cell,
+    with the same outputs and gradient values."""
+    torch_cell, fused_cell, _ = helpers.cells(6, 4)
+    dense = helpers.randn(3, 6)
+    dense[1, 2:] = 0  # some structure to leave out
+    h_0, c_0 = helpers.state(3, 4)
+    to_layout = (lambda t: t.to_sparse()) if layout == torch.sparse_coo else (lambda t: t.to_sparse_csr())
+    results = []
+    for cell in (torch_cell, fused_cell):
+        x = to_layout(dense).requires_grad_()
+        hx = (to_layout(h_0) if sparse_state else h_0, c_0)
+        h_1, c_1 = cell(x, hx)
+        (h_1.sum() + 2 * c_1.sum()).backward()
+        results.append([h_1, c_1, x.grad.to_dense(), cell.weight_ih.grad, cell.weight_hh.grad, cell.bias_ih.grad])
+    for actual, expected in zip(results[1], results[0], strict=True):
+        helpers.assert_close(actual, expected)
+
+
 def test_gradients_accumulate_like_nn(helpers):
     """Two backward passes into .grad, then an in-place update of one bias gradient: the
     gradients must be separate tensors (the backward returns one bias gradient for both biases)."""

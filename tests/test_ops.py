@@ -6,6 +6,9 @@ import itertools
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lstm_fused as lf
 
 ops = torch.ops.lstm_fused
 DTYPES = [torch.float64, torch.float32]
@@ -233,3 +236,46 @@ def test_results_do_not_depend_on_poisoning(helpers, poison):
         with torch.no_grad():
             for actual, expected in zip(ops.cell_forward(*args), reference, strict=True):
                 assert torch.equal(actual, expected)
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "wants_grad", [(True, False, False), (False, True, True), (True, True, True)], ids=["input", "state", "all"]
+)
+def test_flop_count_like_nn_lstm_cell(helpers, wants_grad):
+    """FlopCounterMode counts the fused cell's forward and backward products as nn.LSTMCell's (its
+    addmm and mm), for whichever gradients autograd asks for."""
+    torch_cell, fused_cell, _ = helpers.cells(7, 5)
+    x, h_0, c_0 = helpers.randn(3, 7), *helpers.state(3, 5)
+    x, h_0, c_0 = (t.requires_grad_(wants) for t, wants in zip((x, h_0, c_0), wants_grad))
+
+    def step(cell):
+        h_1, c_1 = cell(x, (h_0, c_0))
+        (h_1.sum() + c_1.sum()).backward()
+
+    expected = flops(lambda: step(torch_cell))
+    assert expected > 0
+    assert flops(lambda: step(fused_cell)) == expected
+    with torch.no_grad():
+        assert flops(lambda: fused_cell(x, (h_0, c_0))) == flops(lambda: torch_cell(x, (h_0, c_0)))
+
+
+def test_flop_count_of_lstm():
+    """nn.LSTM on the CPU counts nothing (oneDNN's op has no formula); lf.LSTM counts its products:
+    per layer and row, 2 * 4H * (I + H) forward; backward the same for the recurrence and the
+    weight gradients, and the input gradient where the layer's input needs one."""
+    steps, batch, input_size, hidden_size = 4, 3, 7, 5
+    lstm = lf.LSTM(input_size, hidden_size, num_layers=2)
+    x = torch.randn(steps, batch, input_size, requires_grad=True)
+    rows, gates = steps * batch, 4 * hidden_size
+    forward = 2 * rows * gates * ((input_size + hidden_size) + (hidden_size + hidden_size))
+    assert flops(lambda: lstm(x)) == forward
+    # Each layer's backward: grad input and grad W_ih (its input width), the recurrence and grad W_hh.
+    backward = sum(2 * rows * gates * 2 * (width + hidden_size) for width in (input_size, hidden_size))
+    assert flops(lambda: lstm(x)[0].sum().backward()) == forward + backward
+
