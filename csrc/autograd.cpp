@@ -4,9 +4,12 @@
 #include <algorithm>
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 namespace lstm_fused {
 namespace {
@@ -57,6 +60,109 @@ variable_list composite_cell(const variable_list& in) {
   return {output_gate * cy.tanh(), cy, at::cat({input_gate, forget_gate, cell_gate, output_gate}, 1)};
 }
 
+// sequence_forward rebuilt from composite_cell steps, outputs in its order (output, hy, cy,
+// cell_states, gates). For double backward and for the transforms below, never for speed.
+variable_list composite_sequence(const variable_list& in, bool reverse) {
+  const auto& [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh] =
+      std::tie(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]);
+  const std::vector<int64_t> sizes = check_sequence_forward_args(
+      input, batch_sizes, hx, cx, weight_ih, weight_hh, optional(bias_ih), optional(bias_hh));
+  const int64_t num_steps = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> offsets(num_steps, 0);
+  for (int64_t t = 1; t < num_steps; ++t) {
+    offsets[t] = offsets[t - 1] + sizes[t - 1];
+  }
+  // A step starts from the previous visited step's rows for the sequences that continue and from
+  // hx, cx for those that begin there (reversed, at a step where the batch grows).
+  const auto starting = [](const at::Tensor& previous, const at::Tensor& initial, int64_t carried,
+                           int64_t batch) {
+    if (carried == batch) {
+      return previous.narrow(0, 0, batch);
+    }
+    return at::cat({previous.narrow(0, 0, carried), initial.narrow(0, carried, batch - carried)});
+  };
+  std::vector<at::Tensor> hidden(num_steps), cell(num_steps), gates(num_steps);
+  std::vector<std::pair<int64_t, at::Tensor>> last_hidden, last_cell;  // (first row, rows ending there)
+  at::Tensor h = hx.narrow(0, 0, 0), c = cx.narrow(0, 0, 0);
+  for (int64_t k = 0; k < num_steps; ++k) {
+    const int64_t t = reverse ? num_steps - 1 - k : k;
+    const int64_t carried = std::min(sizes[t], h.size(0));
+    const variable_list step = composite_cell({input.narrow(0, offsets[t], sizes[t]), starting(h, hx, carried, sizes[t]),
+                                               starting(c, cx, carried, sizes[t]), weight_ih, weight_hh, bias_ih,
+                                               bias_hh});
+    h = hidden[t] = step[0];
+    c = cell[t] = step[1];
+    gates[t] = step[2];
+    const int64_t next = k + 1 < num_steps ? sizes[reverse ? t - 1 : t + 1] : 0;
+    const int64_t ending = std::min(next, sizes[t]);  // rows [ending, batch) have their last step here
+    last_hidden.emplace_back(ending, h.narrow(0, ending, sizes[t] - ending));
+    last_cell.emplace_back(ending, c.narrow(0, ending, sizes[t] - ending));
+  }
+  const auto by_row = [](std::vector<std::pair<int64_t, at::Tensor>> pieces) {
+    std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<at::Tensor> rows;
+    for (const auto& piece : pieces) {
+      rows.push_back(piece.second);
+    }
+    return at::cat(rows);
+  };
+  return {at::cat(hidden), by_row(last_hidden), by_row(last_cell), at::cat(cell), at::cat(gates)};
+}
+
+// The gradients of a Function's inputs by differentiating its composite recomputation with
+// create_graph=True, so that the gradients are themselves differentiable (double backward).
+// needs says which inputs want one; the others come back undefined.
+template <size_t N>
+variable_list differentiable_backward(
+    const variable_list& inputs,
+    const variable_list& outputs,
+    const variable_list& grad_outputs,
+    const std::array<bool, N>& needs) {
+  variable_list used_outputs, used_grads, wanted;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (grad_outputs[i].defined()) {
+      used_outputs.push_back(outputs[i]);
+      used_grads.push_back(grad_outputs[i]);
+    }
+  }
+  for (size_t i = 0; i < N; ++i) {
+    if (needs[i]) {
+      wanted.push_back(inputs[i]);
+    }
+  }
+  variable_list result(N);
+  if (used_outputs.empty() || wanted.empty()) {
+    return result;
+  }
+  const variable_list grads = torch::autograd::grad(
+      used_outputs, wanted, used_grads, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
+  size_t next = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (needs[i]) {
+      result[i] = grads[next++];
+    }
+  }
+  return result;
+}
+
+// torch.func's transforms (grad, vmap, jacrev, jacfwd, hessian) refuse a C++ autograd Function,
+// and forward-mode AD cannot pass one: under either the ops run as their composites instead,
+// whose ATen ops both support. A transform is active while functorch's front-mode key is in the
+// thread's included keys (its DynamicLayer header is not usable from an extension). Forward AD
+// outside torch.func has a single level, 0.
+bool runs_composite(std::initializer_list<const at::Tensor*> tensors) {
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    return true;
+  }
+  return std::any_of(tensors.begin(), tensors.end(), [](const at::Tensor* t) {
+    return t != nullptr && t->defined() && t->_fw_grad(/*level=*/0).defined();
+  });
+}
+
+const at::Tensor* pointer_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
 class CellFunction : public torch::autograd::Function<CellFunction> {
  public:
   static variable_list forward(
@@ -88,7 +194,7 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     const auto needs = inputs_needing_grad<7>(ctx, inputs);
 
     if (at::GradMode::is_enabled()) {
-      return differentiable_backward(inputs, grad_outputs, needs);
+      return differentiable_backward(inputs, composite_cell(inputs), grad_outputs, needs);
     }
 
     static auto op = c10::Dispatcher::singleton()
@@ -130,39 +236,6 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     }
     return result;
   }
-
- private:
-  static variable_list differentiable_backward(
-      const variable_list& inputs,
-      const variable_list& grad_outputs,
-      const std::array<bool, 7>& needs) {
-    const variable_list outputs = composite_cell(inputs);
-    variable_list used_outputs, used_grads, wanted;
-    for (size_t i = 0; i < outputs.size(); ++i) {
-      if (grad_outputs[i].defined()) {
-        used_outputs.push_back(outputs[i]);
-        used_grads.push_back(grad_outputs[i]);
-      }
-    }
-    for (size_t i = 0; i < needs.size(); ++i) {
-      if (needs[i]) {
-        wanted.push_back(inputs[i]);
-      }
-    }
-    variable_list result(7);
-    if (used_outputs.empty() || wanted.empty()) {
-      return result;
-    }
-    const variable_list grads = torch::autograd::grad(
-        used_outputs, wanted, used_grads, /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
-    size_t next = 0;
-    for (size_t i = 0; i < needs.size(); ++i) {
-      if (needs[i]) {
-        result[i] = grads[next++];
-      }
-    }
-    return result;
-  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_autograd(
@@ -173,6 +246,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_autograd(
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh) {
+  if (runs_composite({&input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh)})) {
+    const auto outputs = composite_cell(
+        {input, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()), bias_hh.value_or(at::Tensor())});
+    return {outputs[0], outputs[1], outputs[2]};
+  }
   const auto outputs = CellFunction::apply(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
   return {outputs[0], outputs[1], outputs[2]};
 }
@@ -247,11 +325,19 @@ class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
     if (std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) { return g.defined(); })) {
       return result;
     }
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: gradients autograd can differentiate again, through the composite.
+      const variable_list grads =
+          differentiable_backward(inputs, composite_sequence(inputs, reverse), grad_outputs, needs);
+      std::copy(grads.begin(), grads.end(), result.begin());
+      return result;
+    }
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::sequence_backward", "").typed<SequenceBackwardFn>();
     const std::array<bool, 6> output_mask{needs[0], needs[2], needs[3], needs[4], needs[5], needs[6] || needs[7]};
-    // Called above autograd: under create_graph=True its own Function (below) records the call,
-    // so that a second differentiation fails with a clear message instead of a silent zero.
+    // Grad mode is off here: straight to the kernel, past the op's own autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
         optional(grad_outputs[0]),
         optional(grad_outputs[1]),
@@ -267,7 +353,7 @@ class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
         output,
         cell_states,
         gates,
-        ctx->saved_data["reverse"].toBool(),
+        reverse,
         output_mask);
     // batch_sizes (index 1) and reverse (index 8) have no gradient.
     const variable_list grads{grad_input, at::Tensor(), grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias};
@@ -280,8 +366,8 @@ class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
   }
 };
 
-// sequence_backward's own autograd: none. Double backward through the sequence would need the
-// second derivatives of the whole recurrence; it is refused where it is asked for.
+// sequence_backward's own autograd, for a direct call of the op: none (lstm_fused.LSTM's double
+// backward goes through composite_sequence instead). Refused where it is asked for.
 class SequenceBackwardFunction : public torch::autograd::Function<SequenceBackwardFunction> {
  public:
   static variable_list forward(
@@ -314,9 +400,9 @@ class SequenceBackwardFunction : public torch::autograd::Function<SequenceBackwa
   static variable_list backward(AutogradContext*, variable_list) {
     TORCH_CHECK(
         false,
-        "double backward through lstm_fused.LSTM is not supported: its gradients were computed by a fused "
-        "backward that autograd cannot differentiate (create_graph=True, torch.autograd.gradgradcheck, "
-        "gradient penalties). lstm_fused.LSTMCell does support it.");
+        "lstm_fused::sequence_backward has no derivative: differentiate lstm_fused.LSTM (or the "
+        "sequence_forward op) with create_graph=True instead, which backpropagates through a differentiable "
+        "recomputation.");
     return {};
   }
 };
@@ -331,6 +417,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
     bool reverse) {
+  if (runs_composite({&input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh)})) {
+    const auto outputs = composite_sequence(
+        {input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()),
+         bias_hh.value_or(at::Tensor())},
+        reverse);
+    return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
+  }
   const auto outputs =
       SequenceFunction::apply(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
   return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};

@@ -1,9 +1,10 @@
 // Op schemas, argument checks, and the device-independent half of the backward.
 //
-// Data flows one way: Python autograd Function -> these ops -> the CPU or CUDA kernel registered
-// for them in csrc/cpu and csrc/cuda. Only the dispatcher connects the two device files.
+// Data flows one way: the autograd kernels (autograd.cpp) -> these ops -> the CPU or CUDA kernel
+// registered for them in csrc/cpu and csrc/cuda. Only the dispatcher connects the two device files.
 #include <Python.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include <ATen/ATen.h>
@@ -170,9 +171,17 @@ std::vector<int64_t> check_sequence_forward_args(
       "lstm_fused: batch_sizes must be a 1-D int64 CPU tensor (as PackedSequence.batch_sizes), got a ",
       batch_sizes.dim(), "-D ", batch_sizes.scalar_type(), " tensor on ", batch_sizes.device());
   TORCH_CHECK(batch_sizes.numel() > 0, "lstm_fused: batch_sizes is empty; a sequence needs at least one step");
-  const at::Tensor sizes_contiguous = batch_sizes.contiguous();
-  const int64_t* sizes_data = sizes_contiguous.const_data_ptr<int64_t>();
-  std::vector<int64_t> sizes(sizes_data, sizes_data + sizes_contiguous.numel());
+  std::vector<int64_t> sizes(batch_sizes.numel());
+  if (batch_sizes.has_storage()) {
+    const at::Tensor sizes_contiguous = batch_sizes.contiguous();
+    const int64_t* sizes_data = sizes_contiguous.const_data_ptr<int64_t>();
+    std::copy(sizes_data, sizes_data + sizes.size(), sizes.begin());
+  } else {
+    // A tensor wrapped by a torch.func transform has no storage of its own; item() reads through it.
+    for (size_t step = 0; step < sizes.size(); ++step) {
+      sizes[step] = batch_sizes[static_cast<int64_t>(step)].item<int64_t>();
+    }
+  }
   int64_t total_rows = 0;
   for (size_t step = 0; step < sizes.size(); ++step) {
     // Sequences sorted longest first make each step's rows a prefix of the previous step's.

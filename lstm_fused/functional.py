@@ -133,8 +133,7 @@ def lstm_cell(
     input is (batch, input_size) or unbatched (input_size,); hx is (h_0, c_0) shaped like the
     hidden state, or None for zeros. With ``return_gates=True`` returns ``(h_1, c_1, gates)`` where
     gates is an :class:`LSTMGates` of the activated i, f, g, o."""
-    plain = _is_plain_batched_call(input, hx)
-    if plain:
+    if _is_plain_batched_call(input, hx):
         # The op's own checks cover these arguments. The Python of the other branch was ~10 us of
         # a ~170 us training step at batch 1, which is why the common call skips it.
         try:
@@ -143,8 +142,10 @@ def lstm_cell(
             _kernel_device_type(input)  # says how to rebuild where the CUDA kernels are missing
             if all(t.layout == torch.strided for t in (input, *hx)):
                 raise
-            plain = False  # a sparse input or state: the other branch makes them strided
-    if not plain:
+            # A sparse input or state: again, strided.
+            hx = (_dense(hx[0]), _dense(hx[1]))
+            return lstm_cell(_dense(input), hx, weight_ih, weight_hh, bias_ih, bias_hh, return_gates=return_gates)
+    else:
         input = _dense(input)
         if isinstance(hx, (tuple, list)):
             hx = tuple(_dense(state) for state in hx)

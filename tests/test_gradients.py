@@ -130,3 +130,60 @@ def test_second_derivatives_match_nn(helpers, batch, input_size, hidden_size, bi
     fused = second(fused_cell)
     for actual, expected in zip(fused, second(torch_cell), strict=True):
         helpers.assert_close(actual.detach(), expected.detach())
+
+
+# --- torch.func transforms and forward-mode AD: they cannot look into the fused kernels' C++
+# autograd, so under them the ops run as differentiable ATen ops; the answers must be nn's. ---
+
+TRANSFORMS = ["grad", "jacrev", "jacfwd", "hessian", "jvp", "per_sample_jacobian", "forward_ad"]
+
+
+def transformed(transform, cell, x, hx):
+    """What `transform` computes for one step of cell: derivatives of h_1 (and c_1) with respect to
+    the input, the initial state or the parameters."""
+    h_0, c_0 = hx
+    params = dict(cell.named_parameters())
+    step = lambda p, x, h, c: torch.func.functional_call(cell, p, (x, (h, c)))  # noqa: E731
+    if transform == "grad":  # of a scalar loss, with respect to every parameter
+        return torch.func.grad(lambda p: step(p, x, h_0, c_0)[0].pow(2).sum())(params)
+    if transform == "jacrev":  # dh_1/dh_0 over the batch
+        return torch.func.jacrev(lambda h: step(params, x, h, c_0)[0])(h_0)
+    if transform == "jacfwd":  # dc_1/dx
+        return torch.func.jacfwd(lambda v: step(params, v, h_0, c_0)[1])(x)
+    if transform == "hessian":  # of a scalar with respect to c_0
+        return torch.func.hessian(lambda c: step(params, x, h_0, c)[0].sum())(c_0)
+    if transform == "jvp":
+        tangent = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view_as(x)
+        return torch.func.jvp(lambda v: step(params, v, h_0, c_0), (x,), (tangent,))[1]
+    if transform == "per_sample_jacobian":  # dh_1/dh_0 of each sequence alone: vmap of jacrev
+        one = lambda x1, h1, c1: step(params, x1, h1, c1)[0]  # noqa: E731
+        return torch.func.vmap(torch.func.jacrev(one, argnums=1))(x, h_0, c_0)
+    if transform == "forward_ad":  # torch.autograd.forward_ad, outside torch.func
+        import torch.autograd.forward_ad as fwAD
+
+        tangent = torch.linspace(-1, 1, h_0.numel(), dtype=h_0.dtype).view_as(h_0)
+        with fwAD.dual_level():
+            outputs = cell(x, (fwAD.make_dual(h_0, tangent), c_0))
+            return [fwAD.unpack_dual(t).tangent for t in outputs]
+    raise ValueError(transform)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_transforms_match_nn(helpers, transform):
+    torch_cell, fused_cell, _ = helpers.cells(4, 3, dtype=torch.float64)
+    x = helpers.randn(2, 4, dtype=torch.float64)
+    hx = helpers.state(2, 3, torch.float64)
+    expected = transformed(transform, torch_cell, x, hx)
+    actual = transformed(transform, fused_cell, x, hx)
+    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_transforms_leave_the_fused_path_alone(helpers):
+    """After a transform, an ordinary call runs the fused kernels again (its autograd node is the
+    fused cell's, not an ATen op's), with nn's values."""
+    torch_cell, fused_cell, _ = helpers.cells(4, 3, dtype=torch.float64)
+    x, hx = helpers.randn(2, 4, dtype=torch.float64), helpers.state(2, 3, torch.float64)
+    transformed("jacrev", fused_cell, x, hx)
+    h_1, c_1 = fused_cell(x, hx)
+    assert "CellFunction" in h_1.grad_fn.name()
+    torch.testing.assert_close((h_1, c_1), torch_cell(x, hx), atol=1e-12, rtol=1e-12)

@@ -370,7 +370,7 @@ def test_states_layout_batch_first_and_unbatched():
 GRADCHECK_INPUT_SIZE, GRADCHECK_HIDDEN_SIZE = 3, 4
 
 
-def gradcheck_lstm(layout, lengths=None, return_states=False, seed=0, **config):
+def gradcheck_lstm(layout, lengths=None, return_states=False, seed=0, check=torch.autograd.gradcheck, **config):
     lstm = lf.LSTM(GRADCHECK_INPUT_SIZE, GRADCHECK_HIDDEN_SIZE, dtype=torch.float64, **config)
     names = [name for name, _ in lstm.named_parameters()]
     generator = torch.Generator().manual_seed(seed)
@@ -397,7 +397,7 @@ def gradcheck_lstm(layout, lengths=None, return_states=False, seed=0, **config):
         leaf(states, batch, GRADCHECK_HIDDEN_SIZE),
         *(p.detach().requires_grad_() for p in lstm.parameters()),
     )
-    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-8)
+    assert check(function, inputs, eps=1e-6, atol=1e-8)
 
 
 def test_gradcheck_one_layer():
@@ -412,12 +412,50 @@ def test_gradcheck_through_states():
     gradcheck_lstm("packed_sorted", lengths=[3, 2, 2], return_states=True, seed=13, bidirectional=True)
 
 
-def test_double_backward_raises_clearly():
-    lstm = lf.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=torch.float64)
-    x = torch.randn(3, 2, INPUT_SIZE, dtype=torch.float64, requires_grad=True)
-    (grad_x,) = torch.autograd.grad(lstm(x)[0].pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward through lstm_fused.LSTM is not supported"):
-        grad_x.sum().backward()
+def test_gradgradcheck_bidirectional_packed():
+    """Double backward recomputes the sequence from differentiable ATen ops (the fused backward's
+    own gradients are not differentiable); gradgradcheck checks it against finite differences."""
+    gradcheck_lstm("packed_unsorted", lengths=[2, 3, 1], seed=14, bidirectional=True, check=torch.autograd.gradgradcheck)
+
+
+def test_gradient_penalty_like_nn_lstm():
+    """A loss on the input gradient (create_graph=True), as in gradient-penalty training: the
+    parameters' gradients are nn.LSTM's."""
+    torch_lstm, fused_lstm = twin_lstms(num_layers=2)
+    x, hx = random_case(torch_lstm, "padded", with_hx=True, seed=15)
+    results = []
+    for lstm in (torch_lstm, fused_lstm):
+        (grad_x,) = torch.autograd.grad(lstm(x, hx)[0].pow(2).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.pow(2).sum(), [*hx, *lstm.parameters()]))
+    assert_all_close(list(results[1]), list(results[0]), atol=1e-10)
+
+
+def lstm_transform(transform, lstm, x, hx):
+    if transform == "jacrev":  # d output / d x, padded batch
+        return torch.func.jacrev(lambda v: lstm(v, hx)[0])(x)
+    if transform == "jvp":  # through h_n and c_n, from a tangent of c_0
+        tangent = torch.linspace(-1, 1, hx[1].numel(), dtype=hx[1].dtype).view_as(hx[1])
+        return torch.func.jvp(lambda c: lstm(x, (hx[0], c))[1], (hx[1],), (tangent,))[1]
+    if transform == "per_sequence_jacobian":  # d h_n / d h_0 of each sequence alone: vmap of jacrev
+        def one(x1, h1, c1):
+            return lstm(x1, (h1, c1))[1][0]
+
+        return torch.func.vmap(torch.func.jacrev(one, argnums=1), in_dims=(1, 1, 1))(x, *hx)
+    raise ValueError(transform)
+
+
+@pytest.mark.parametrize("transform", ["jacrev", "jvp", "per_sequence_jacobian"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_transforms_like_nn_lstm(transform, bidirectional):
+    """torch.func's transforms, which cannot look into the fused kernels' C++ autograd: under them
+    the sequence runs as differentiable ATen ops, with nn.LSTM's answers."""
+    torch_lstm, fused_lstm = twin_lstms(bidirectional=bidirectional)
+    x, hx = random_case(torch_lstm, "padded", with_hx=True, seed=16)
+    x, hx = x.detach(), tuple(t.detach() for t in hx)
+    expected = lstm_transform(transform, torch_lstm, x, hx)
+    actual = lstm_transform(transform, fused_lstm, x, hx)
+    assert_all_close(list(actual) if isinstance(actual, tuple) else [actual],
+                     list(expected) if isinstance(expected, tuple) else [expected], atol=1e-10)
 
 
 # --- The module: constructor, parameters, state_dict ---
