@@ -418,16 +418,44 @@ def test_gradgradcheck_bidirectional_packed():
     gradcheck_lstm("packed_unsorted", lengths=[2, 3, 1], seed=14, bidirectional=True, check=torch.autograd.gradgradcheck)
 
 
-def test_gradient_penalty_like_nn_lstm():
+@pytest.mark.parametrize("layout", ["padded", "packed_unsorted"])
+def test_gradient_penalty_like_nn_lstm(layout):
     """A loss on the input gradient (create_graph=True), as in gradient-penalty training: the
-    parameters' gradients are nn.LSTM's."""
-    torch_lstm, fused_lstm = twin_lstms(num_layers=2)
-    x, hx = random_case(torch_lstm, "padded", with_hx=True, seed=15)
+    first-order gradients (from the recomputed sequence) and the parameters' second-order ones are
+    nn.LSTM's, over sequences of different lengths in both directions."""
+    torch_lstm, fused_lstm = twin_lstms(num_layers=2, bidirectional=True)
+    x, hx = random_case(torch_lstm, layout, with_hx=True, seed=15)
     results = []
     for lstm in (torch_lstm, fused_lstm):
-        (grad_x,) = torch.autograd.grad(lstm(x, hx)[0].pow(2).sum(), x, create_graph=True)
-        results.append(torch.autograd.grad(grad_x.pow(2).sum(), [*hx, *lstm.parameters()]))
-    assert_all_close(list(results[1]), list(results[0]), atol=1e-10)
+        output, h_n, c_n, _ = run(lstm, x, hx, layout)
+        loss = output.pow(2).sum() + h_n.sum() + 2 * c_n.sum()
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        results.append([grad_x, *torch.autograd.grad(grad_x.pow(2).sum(), [*hx, *lstm.parameters()])])
+    assert_all_close(results[1], results[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed_unsorted"])
+def test_forward_ad_like_nn_lstm(packed):
+    """Forward-mode AD (torch.autograd.forward_ad) runs the sequence as differentiable ATen ops:
+    outputs and tangents are nn.LSTM's, over sequences of different lengths in both directions.
+    (pack_padded_sequence has no forward AD: the packed data is made dual after packing.)"""
+    import torch.autograd.forward_ad as fwAD
+
+    torch_lstm, fused_lstm = twin_lstms(num_layers=2, bidirectional=True)
+    x, hx = random_case(torch_lstm, "padded", with_hx=True, seed=17)
+    x, hx = x.detach(), tuple(t.detach() for t in hx)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor(UNSORTED_LENGTHS), enforce_sorted=False)
+    data = x.data if packed else x
+    tangent = torch.linspace(-1, 1, data.numel(), dtype=data.dtype).view_as(data)
+    results = []
+    for lstm in (torch_lstm, fused_lstm):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(data, tangent)
+            output, (h_n, c_n) = lstm(x._replace(data=dual) if packed else dual, hx)
+            output = output.data if packed else output
+            results.append([part for t in (output, h_n, c_n) for part in fwAD.unpack_dual(t)[:2]])
+    assert_all_close(results[1], results[0], atol=1e-10)
 
 
 def lstm_transform(transform, lstm, x, hx):
