@@ -67,36 +67,37 @@ variable_list composite_sequence(const variable_list& in, bool reverse) {
       std::tie(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]);
   const std::vector<int64_t> sizes = check_sequence_forward_args(
       input, batch_sizes, hx, cx, weight_ih, weight_hh, optional(bias_ih), optional(bias_hh));
-  const int64_t num_steps = static_cast<int64_t>(sizes.size());
-  std::vector<int64_t> offsets(num_steps, 0);
-  for (int64_t t = 1; t < num_steps; ++t) {
-    offsets[t] = offsets[t - 1] + sizes[t - 1];
-  }
   // A step starts from the previous visited step's rows for the sequences that continue and from
-  // hx, cx for those that begin there (reversed, at a step where the batch grows).
-  const auto starting = [](const at::Tensor& previous, const at::Tensor& initial, int64_t carried,
-                           int64_t batch) {
-    if (carried == batch) {
-      return previous.narrow(0, 0, batch);
+  // hx, cx for those that begin there (all of them at the first step; reversed, some at a step
+  // where the batch grows).
+  const auto starting = [](const at::Tensor& previous, const at::Tensor& initial, const cpu::RecurrenceStep& step) {
+    if (step.carried == 0) {
+      return initial.narrow(0, 0, step.batch);
     }
-    return at::cat({previous.narrow(0, 0, carried), initial.narrow(0, carried, batch - carried)});
+    if (step.carried == step.batch) {
+      return previous.narrow(0, 0, step.batch);
+    }
+    return at::cat({previous.narrow(0, 0, step.carried), initial.narrow(0, step.carried, step.batch - step.carried)});
   };
-  std::vector<at::Tensor> hidden(num_steps), cell(num_steps), gates(num_steps);
+  std::vector<at::Tensor> hidden, cell, gates;  // in visiting order
   std::vector<std::pair<int64_t, at::Tensor>> last_hidden, last_cell;  // (first row, rows ending there)
-  at::Tensor h = hx.narrow(0, 0, 0), c = cx.narrow(0, 0, 0);
-  for (int64_t k = 0; k < num_steps; ++k) {
-    const int64_t t = reverse ? num_steps - 1 - k : k;
-    const int64_t carried = std::min(sizes[t], h.size(0));
-    const variable_list step = composite_cell({input.narrow(0, offsets[t], sizes[t]), starting(h, hx, carried, sizes[t]),
-                                               starting(c, cx, carried, sizes[t]), weight_ih, weight_hh, bias_ih,
-                                               bias_hh});
-    h = hidden[t] = step[0];
-    c = cell[t] = step[1];
-    gates[t] = step[2];
-    const int64_t next = k + 1 < num_steps ? sizes[reverse ? t - 1 : t + 1] : 0;
-    const int64_t ending = std::min(next, sizes[t]);  // rows [ending, batch) have their last step here
-    last_hidden.emplace_back(ending, h.narrow(0, ending, sizes[t] - ending));
-    last_cell.emplace_back(ending, c.narrow(0, ending, sizes[t] - ending));
+  at::Tensor h, c;  // the previous visited step's states
+  for (const cpu::RecurrenceStep& step : visiting_order(sizes, reverse)) {
+    const variable_list outputs = composite_cell({input.narrow(0, step.offset, step.batch), starting(h, hx, step),
+                                                  starting(c, cx, step), weight_ih, weight_hh, bias_ih, bias_hh});
+    h = outputs[0];
+    c = outputs[1];
+    hidden.push_back(h);
+    cell.push_back(c);
+    gates.push_back(outputs[2]);
+    last_hidden.emplace_back(step.ending, h.narrow(0, step.ending, step.batch - step.ending));
+    last_cell.emplace_back(step.ending, c.narrow(0, step.ending, step.batch - step.ending));
+  }
+  // Packed rows are in time order.
+  if (reverse) {
+    std::reverse(hidden.begin(), hidden.end());
+    std::reverse(cell.begin(), cell.end());
+    std::reverse(gates.begin(), gates.end());
   }
   const auto by_row = [](std::vector<std::pair<int64_t, at::Tensor>> pieces) {
     std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.first < b.first; });

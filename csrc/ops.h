@@ -8,7 +8,14 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/small_batch.h"
+
 namespace lstm_fused {
+
+// A packed sequence's steps in the order the recurrence visits them (last step first when
+// reverse), each with its rows' offset, the rows carried over from the step visited before and
+// the rows that end there (csrc/cpu/small_batch.h's RecurrenceStep). Defined in sequence.cpp.
+std::vector<cpu::RecurrenceStep> visiting_order(const std::vector<int64_t>& batch_sizes, bool reverse);
 
 // Allocates a kernel output. When the test hook `_set_poison_outputs(True)` is on, the memory is
 // NaN-filled first, so an element a kernel forgets to write fails the comparison tests.

@@ -20,21 +20,17 @@
 #include "ops.h"
 
 namespace lstm_fused {
-namespace {
 
-// One time step, as the recurrence visits it (last step first when reverse).
-using Step = cpu::RecurrenceStep;
-
-std::vector<Step> visiting_order(const std::vector<int64_t>& batch_sizes, bool reverse) {
+std::vector<cpu::RecurrenceStep> visiting_order(const std::vector<int64_t>& batch_sizes, bool reverse) {
   const int64_t num_steps = static_cast<int64_t>(batch_sizes.size());
   std::vector<int64_t> offsets(num_steps, 0);
   for (int64_t t = 1; t < num_steps; ++t) {
     offsets[t] = offsets[t - 1] + batch_sizes[t - 1];
   }
-  std::vector<Step> steps(num_steps);
+  std::vector<cpu::RecurrenceStep> steps(num_steps);
   for (int64_t k = 0; k < num_steps; ++k) {
     const int64_t t = reverse ? num_steps - 1 - k : k;
-    Step& step = steps[k];
+    cpu::RecurrenceStep& step = steps[k];
     step.offset = offsets[t];
     step.batch = batch_sizes[t];
     // Forward, every row continues from step t - 1 (which has at least as many). Reversed, step
@@ -47,6 +43,11 @@ std::vector<Step> visiting_order(const std::vector<int64_t>& batch_sizes, bool r
   }
   return steps;
 }
+
+namespace {
+
+// One time step, as the recurrence visits it (last step first when reverse).
+using Step = cpu::RecurrenceStep;
 
 // The state a step starts from: the previous visited step's rows for the sequences that continue,
 // the initial state for those that begin here. A view except where both meet (reverse direction,
