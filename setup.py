@@ -53,6 +53,18 @@ def write_build_info(with_cuda):
         )
 
 
+def sanitizer_flags():
+    # LSTM_FUSED_SANITIZE=address,undefined: a CPU build for the sanitizer step of CI (.ci/sanitize).
+    # -O2 keeps the vector paths the ones tested; every UBSan finding aborts (no recovery), so a
+    # report cannot scroll by in a passing run. The .so then needs the sanitizer runtime loaded
+    # first (LD_PRELOAD), which .ci/sanitize does.
+    wanted = os.environ.get("LSTM_FUSED_SANITIZE", "")
+    if not wanted:
+        return [], []
+    compile_flags = [f"-fsanitize={wanted}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g1"]
+    return compile_flags, [f"-fsanitize={wanted}"]
+
+
 def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
@@ -68,6 +80,10 @@ def extension():
     # -fopenmp: without it at::parallel_for compiles to a serial loop. -g0 keeps the .so small.
     cxx_flags = ["-O3", "-g0", "-fopenmp"]
     link_flags = ["-fopenmp"]
+    sanitize_compile, sanitize_link = sanitizer_flags()
+    if sanitize_compile:
+        cxx_flags = ["-O2", "-fopenmp"] + sanitize_compile
+        link_flags += sanitize_link
     if not with_cuda:
         return cpp_extension.CppExtension(
             f"{PACKAGE}._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
