@@ -160,6 +160,7 @@ def extension():
     sources = [
         "csrc/ops.cpp",
         "csrc/autograd.cpp",
+        "csrc/composite.cpp",
         "csrc/sequence.cpp",
         "csrc/matmul.cpp",
         "csrc/cpu/lstm_cell.cpp",
