@@ -158,7 +158,7 @@ void dot_products(
 
 // out[b, v * 8 + lane] (+)= acc[b][v] for the first columns_left columns (all of them unless kMasked).
 template <int kBatch, int kVectors, bool kMasked>
-inline __attribute__((always_inline)) void store_tile(
+LSTM_FUSED_ALWAYS_INLINE void store_tile(
     const Vec (&acc)[kBatch][kVectors], float* out, int64_t out_stride, int64_t columns_left, bool accumulate) {
 #pragma GCC unroll 16
   for (int b = 0; b < kBatch; ++b) {

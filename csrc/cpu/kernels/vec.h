@@ -50,6 +50,13 @@ float32x4_t Sleef_tanhf4_u35advsimd(float32x4_t);
 }
 #endif
 
+// Compiler-specific spellings live here, with the instruction sets: the kernels use only these.
+#if defined(_MSC_VER)
+#define LSTM_FUSED_ALWAYS_INLINE __forceinline
+#else
+#define LSTM_FUSED_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace lstm_fused {
 namespace cpu {
 namespace CPU_CAPABILITY {
