@@ -69,8 +69,8 @@ class GridPart:
 
 
 # The main command's grid, about a minute on 2 cores: the two comparisons users ask about, each
-# where it applies (the cell for one step, the sequence module over a sequence). Batch 1-64 is
-# where the small-batch kernels run; 256 shows the library-product regime beyond them.
+# where it applies (the cell for one step, the sequence module over a sequence). The small-batch
+# kernels run up to batch 16 (cell) and 64 (sequence); 256 shows the library products beyond them.
 DEFAULT_BATCHES = (1, 4, 16, 64, 256)
 DEFAULT_GRID = dict(
     parts=[
