@@ -3,6 +3,7 @@ wrong one is reported as failed and gets no time, the interleaved timing keeps g
 that raises, the grids hold what the help says, and the verdict states what the figures it is given
 say. (Speeds are never asserted: they live in benchmarks/results.)"""
 import dataclasses
+import io
 import importlib.util
 import json
 import re
@@ -163,3 +164,23 @@ def test_the_main_command_ends_with_a_verdict_a_plot_and_a_progress_line_per_cas
         assert not plot.exists() and "matplotlib is not installed" in err
     cases = json.loads(figures.read_text())["cases"]
     assert len(cases) == 8 and all(case["implementations"]["nn"]["status"] == "ok" for case in cases)
+
+
+def test_on_a_terminal_the_progress_bar_is_redrawn_in_place_with_an_eta():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = benchmark.Progress([1.0, 3.0], stream=terminal)
+    progress.advance("first case")
+    progress.advance("second case")
+    progress.finish()
+    drawn = terminal.getvalue()
+    assert drawn.endswith("\n") and drawn.count("\n") == 1  # one line, redrawn
+    frames = drawn.rstrip("\n").split("\r")[1:]
+    assert frames[0].startswith("[" + "." * benchmark.Progress.WIDTH + "] 0/2") and "ETA ?" in frames[0]
+    # A quarter of the weight done after the first case: a quarter of the bar.
+    assert frames[1].startswith("[" + "#" * (benchmark.Progress.WIDTH // 4) + ".") and "1/2" in frames[1]
+    assert "ETA" in frames[1] and "first case" in frames[1]
+    assert frames[2].startswith("[" + "#" * benchmark.Progress.WIDTH + "] 2/2") and "ETA 0:00" in frames[2]
