@@ -850,12 +850,17 @@ def machine_description(threads: List[int]) -> Dict[str, object]:
     }
 
 
+def machine_was_busy(machine) -> bool:
+    load, cores = machine.get("load_average_at_start"), machine.get("cores_usable")
+    return load is not None and bool(cores) and load > 0.5 * cores
+
+
 def warn_if_busy(machine) -> None:
     # Other processes on the cores make every time noisy, and multi-threaded code far slower than it
     # is: a thread waiting at an OpenMP barrier for a descheduled partner (torch.compile's CPU code,
     # which parallelises even small loops, suffers most).
     load, cores = machine["load_average_at_start"], machine["cores_usable"]
-    if load is not None and cores and load > 0.5 * cores:
+    if machine_was_busy(machine):
         print(f"warning: the machine is busy (load average {load:.1f} on {cores} cores): "
               "the times will be noisy and too slow, above all with more than one thread", file=sys.stderr)
 
@@ -1023,9 +1028,9 @@ def verdict(results: List[CaseResult], machine) -> str:
                 for mode in MODES:
                     if mode in points[key]:
                         lines.append("  " + verdict_sentence(comparison, mode, key[4], points[key][mode]))
-    load = machine.get("load_average_at_start")
-    if load is not None and machine.get("cores_usable") and load > 0.5 * machine["cores_usable"]:
-        lines.append(f"  (The machine was busy, load average {load:.1f}: these ratios are noisier than usual.)")
+    if machine_was_busy(machine):
+        lines.append(f"  (The machine was busy, load average {machine['load_average_at_start']:.1f}: "
+                     "these ratios are noisier than usual.)")
     return "\n".join(lines)
 
 
@@ -1073,8 +1078,11 @@ def plot_comparisons(path: str, results: List[CaseResult], machine) -> Optional[
         axis.set_title(f"{comparison.ours_label} vs {comparison.theirs_label} ({steps_text}, {device} {dtype})")
         axis.legend(fontsize="small")
     threads = sorted({key[3] for key in panels})
-    figure.suptitle(f"{describe_cpu(machine)}; {'/'.join(map(str, threads))} threads; torch {machine['torch']} "
-                    f"(grey band: within ±{SAME_WITHIN:.0%})", fontsize="medium")
+    title = (f"{describe_cpu(machine)}; {'/'.join(map(str, threads))} threads; torch {machine['torch']} "
+             f"(grey band: within ±{SAME_WITHIN:.0%})")
+    if machine_was_busy(machine):
+        title += f"\nthe machine was busy (load average {machine['load_average_at_start']:.1f}): noisy figures"
+    figure.suptitle(title, fontsize="medium")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
