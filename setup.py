@@ -13,6 +13,7 @@ LSTM_FUSED_SANITIZE=address,undefined: a CPU build for the sanitizer step (.ci/s
 import glob
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -213,9 +214,10 @@ def extension():
 
 setup(
     name="lstm_fused",
-    version="0.1.0",
+    version=re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, PACKAGE, "_version.py")).read()).group(1),
     description="A fused LSTM cell for PyTorch: C++/CUDA kernels, hand-written backward, drop-in for nn.LSTMCell",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    package_data={PACKAGE: ["py.typed"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": KernelsBuild.with_options(use_ninja=True)},
     python_requires=">=3.10",

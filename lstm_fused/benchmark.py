@@ -1,8 +1,8 @@
-"""Benchmark: lstm_fused.LSTMCell against nn.LSTMCell, the pure-Python reference cell and
-torch.compile of the reference cell.
+"""Benchmark: lstm_fused.LSTMCell against nn.LSTMCell and lstm_fused.LSTM against nn.LSTM (and,
+with --full or --impl, the pure-Python reference cell and torch.compile of it).
 
-    python benchmarks/benchmark.py --quick          # under a minute on 2 CPU cores
-    python benchmarks/benchmark.py                  # the full size grid
+    python benchmarks/benchmark.py                  # about a minute on 2 CPU cores: verdict and plot
+    python benchmarks/benchmark.py --full           # every implementation, the whole grid (<= 15 min)
     python -m lstm_fused.benchmark --help           # the same script, from outside the checkout
 
 Every case (device, dtype, threads, batch, input, hidden, steps T, mode) is first checked: each
@@ -11,15 +11,18 @@ inputs. A wrong answer is reported as FAILED, never timed, and makes the script 
 Then each implementation is timed with torch.utils.benchmark (medians), beside the floor: the
 cell's matrix products alone, which no implementation built on the same GEMMs can beat.
 
-The table goes to stdout, one progress line per case to stderr; --json and --plot save the figures.
-This module is not imported by lstm_fused itself.
+The tables and then the verdict go to stdout, a progress bar with an ETA to stderr; the plot of both
+comparisons against batch size to lstm_fused_benchmark.png (--plot PATH, --no-plot), and --json
+saves every figure. This module is not imported by lstm_fused itself.
 """
 import argparse
 import copy
+import gc
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -51,10 +54,37 @@ TIMES_BASELINE_ERROR = 4
 
 WARMUP_CALLS = 3  # the first calls allocate, pick GEMM algorithms and, for torch.compile, compile
 TIMING_ROUNDS = 5  # at most: a case's implementations are timed in turn, this many times over
+BLOCKS_PER_ROUND = 4  # the median and interquartile range are over blocks of calls
 FLOOR_PREFIX = "floor:"  # the floor's products, timed among the implementations
 
-FULL_GRID = dict(batch=[1, 8, 64, 256], hidden=[64, 256, 1024], steps=[1, 32], min_run_time=0.5)
-QUICK_GRID = dict(batch=[1, 64], hidden=[64, 256], steps=[1, 32], min_run_time=0.05)
+
+@dataclass(frozen=True)
+class GridPart:
+    """Implementations timed against each other over every batch x hidden x steps of the part."""
+
+    implementations: Tuple[str, ...]
+    batch: Tuple[int, ...]
+    hidden: Tuple[int, ...]
+    steps: Tuple[int, ...]
+
+
+# The main command's grid, about a minute on 2 cores: the two comparisons users ask about, each
+# where it applies (the cell for one step, the sequence module over a sequence). The small-batch
+# kernels run up to batch 16 (cell) and 64 (sequence); 256 shows the library products beyond them.
+DEFAULT_BATCHES = (1, 4, 16, 64, 256)
+DEFAULT_GRID = dict(
+    parts=[
+        GridPart(("nn", "fused"), DEFAULT_BATCHES, (64, 256), (1,)),
+        GridPart(("nn", "nn.LSTM", "fused.LSTM"), DEFAULT_BATCHES, (64, 256), (16,)),
+    ],
+    min_run_time=0.2,
+)
+# --full: every implementation over the whole grid (up to about 15 minutes on 2 cores): the former default.
+FULL_GRID = dict(
+    parts=[GridPart(("nn", "fused", "reference", "compiled", "nn.LSTM", "fused.LSTM"), (1, 8, 64, 256),
+                    (64, 256, 1024), (1, 32))],
+    min_run_time=0.5,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +110,6 @@ class Implementation:
     build: Callable[[nn.LSTMCell], Prepared]
     # None if it can run on this device, else why not (reported as n/a, not as a failure)
     why_unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
-    slow_to_build: bool = False  # left out of --quick unless asked for
 
 
 def copy_cell(baseline: nn.LSTMCell, cell_class) -> nn.LSTMCell:
@@ -168,9 +197,7 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
         Implementation(BASELINE, "torch.nn.LSTMCell", build_nn),
         Implementation(HEADLINE, "lstm_fused.LSTMCell", build_fused, fused_unavailable),
         Implementation("reference", "lstm_fused.reference.LSTMCell (gate by gate in Python)", build_reference),
-        Implementation(
-            "compiled", "torch.compile of the reference cell", build_compiled_reference, slow_to_build=True
-        ),
+        Implementation("compiled", "torch.compile of the reference cell", build_compiled_reference),
         Implementation("nn.LSTM", "torch.nn.LSTM over the T steps in one call (oneDNN / cuDNN)", build_nn_lstm),
         Implementation(
             "fused.LSTM", "lstm_fused.LSTM over the T steps in one call", build_fused_lstm, fused_unavailable
@@ -344,51 +371,73 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def time_block(call: Callable, number: int, device: torch.device) -> float:
+    """Seconds that `number` calls in a row take, the accelerator's queue drained on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def measure_interleaved(
     calls: Dict[str, Callable], threads: int, min_run_time: float, device: torch.device
 ) -> Tuple[Dict[str, "torch_benchmark.Measurement"], Dict[str, Exception]]:
     """torch.utils.benchmark Measurements of every call, after warm-up, taken in up to
-    TIMING_ROUNDS rounds that each time every call in turn for min_run_time / rounds; each call's
-    blocks of all rounds are merged. A stall of the machine then slows the blocks of every
-    implementation of the case alike, instead of the one that happened to be timed during it.
-    Calls slower than a round's share get fewer rounds (one, at worst, as without rounds).
-    Returns the measurements and, apart, the exception of each call that raised (it is timed no
-    further)."""
+    TIMING_ROUNDS rounds that each time every call in turn for min_run_time / rounds, in blocks of
+    calls sized from the warm-up to about BLOCKS_PER_ROUND blocks a round. A stall of the machine
+    then slows the blocks of every implementation of the case alike, instead of the one that
+    happened to be timed during it. Calls slower than a round's share get fewer rounds (one, at
+    worst). (Timer.blocked_autorange would re-estimate its block size in every round, which at
+    these budgets costs several times the measuring itself.) Returns the measurements and, apart,
+    the exception of each call that raised (it is timed no further)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     errors: Dict[str, Exception] = {}
     seconds_per_call = {}
     for name, call in calls.items():
         try:
             for _ in range(WARMUP_CALLS - 1):
                 call()
-            synchronize(device)
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            seconds_per_call[name] = time.perf_counter() - start
+            seconds_per_call[name] = time_block(call, 1, device)
         except Exception as error:
             errors[name] = error
     slowest = max(seconds_per_call.values(), default=min_run_time)
     rounds = max(1, min(TIMING_ROUNDS, int(min_run_time / max(slowest, 1e-9))))
-    # The Timer synchronizes the accelerator around every block of calls and runs with `threads`.
-    timers = {
-        name: torch_benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
-        for name, call in calls.items()
+    share = min_run_time / rounds
+    block_calls = {
+        name: max(1, int(share / BLOCKS_PER_ROUND / max(seconds, 1e-9))) for name, seconds in seconds_per_call.items()
     }
-    blocks: Dict[str, list] = {name: [] for name in seconds_per_call}
-    for _ in range(rounds):
-        for name in blocks:
-            if name in errors:
-                continue
-            try:
-                blocks[name].append(timers[name].blocked_autorange(min_run_time=min_run_time / rounds))
-            except Exception as error:
-                errors[name] = error
-    merged = {
-        name: torch_benchmark.Measurement.merge(measurements)[0]
-        for name, measurements in blocks.items()
+    per_call: Dict[str, List[float]] = {name: [] for name in seconds_per_call}
+    collecting = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land in one block of one implementation
+    try:
+        for _ in range(rounds):
+            for name, times in per_call.items():
+                if name in errors:
+                    continue
+                try:
+                    spent = 0.0
+                    while spent < share:
+                        block = time_block(calls[name], block_calls[name], device)
+                        times.append(block / block_calls[name])
+                        spent += block
+                except Exception as error:
+                    errors[name] = error
+    finally:
+        if collecting:
+            gc.enable()
+        torch.set_num_threads(previous_threads)
+    measurements = {
+        name: torch_benchmark.Measurement(
+            number_per_run=1, raw_times=times,
+            task_spec=torch_benchmark.TaskSpec(stmt=name, setup="", num_threads=threads),
+        )
+        for name, times in per_call.items()
         if name not in errors
     }
-    return merged, errors
+    return measurements, errors
 
 
 def peak_memory_mib(call: Callable, device: torch.device) -> Optional[float]:
@@ -585,7 +634,8 @@ def run_shape(shape: Shape, modes: List[str], names: List[str], min_run_time: fl
     return results
 
 
-def progress_line(index: int, total: int, result: CaseResult, elapsed: float) -> str:
+def case_summary(result: CaseResult) -> str:
+    """One case's figures on one line."""
     parts = []
     for name, outcome in result.outcomes.items():
         if outcome.status != "ok":
@@ -595,7 +645,59 @@ def progress_line(index: int, total: int, result: CaseResult, elapsed: float) ->
         else:
             parts.append(f"{name} {format_ms(outcome.median_ms)} ms ({format_ratio(outcome.speedup_vs_nn, 'x')})")
     parts.append(f"floor {format_ms(result.floor_ms)} ms")
-    return f"[{index}/{total}] {result.case.describe()}: " + " | ".join(parts) + f"  [{elapsed:.0f} s]"
+    return f"{result.case.describe()}: " + " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A progress bar with an ETA on stderr: redrawn in place on a terminal, one line per case
+    otherwise, so that a log keeps every case's figures. The ETA weighs each case by what it
+    costs: a share of the timing budget per implementation and floor it times."""
+
+    WIDTH = 24
+
+    def __init__(self, weights: List[float], stream=None):
+        self.weights, self.stream = weights, stream or sys.stderr
+        self.total, self.done, self.count = sum(weights), 0.0, 0
+        self.started = time.perf_counter()
+        self.in_place = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if self.in_place:
+            self._draw(self._head(None), "starting")
+
+    def _head(self, remaining: Optional[float]) -> str:
+        filled = int(self.WIDTH * self.done / self.total) if self.total else self.WIDTH
+        eta = "ETA ?" if remaining is None else f"ETA {format_duration(remaining)}"
+        elapsed = format_duration(time.perf_counter() - self.started)
+        return f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.count}/{len(self.weights)} {elapsed}, {eta}"
+
+    def _draw(self, head: str, detail: str) -> None:
+        columns = shutil.get_terminal_size((100, 20)).columns
+        print("\r" + f"{head} {detail}"[: columns - 1].ljust(columns - 1), end="", file=self.stream, flush=True)
+
+    def advance(self, detail: str) -> None:
+        self.done += self.weights[self.count]
+        self.count += 1
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed * (self.total - self.done) / self.done if self.done else None
+        if self.in_place:
+            self._draw(self._head(remaining), detail)
+        else:
+            print(f"{self._head(remaining)} | {detail}", file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.in_place:
+            print(file=self.stream, flush=True)
+
+
+def case_weight(shape: Shape, names: List[str]) -> float:
+    """Roughly what one case of the shape costs, for the ETA: the implementations and floors it
+    times (each gets the same timing budget) and the check."""
+    floors = 2 if shape.device == "cpu" and shape.dtype == "float32" else 1
+    return len(names) + floors + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,11 +733,13 @@ def markdown_table(results: List[CaseResult], names: List[str]) -> str:
         ("mode", lambda r: r.case.mode),
     ]
     for name in names:
-        columns.append((f"{name} ms", lambda r, name=name: time_cell(r.outcomes[name])))
+        columns.append((f"{name} ms", lambda r, name=name: time_cell(r.outcomes.get(name))))
         if name == HEADLINE:
 
             def speedup(r):
-                outcome = r.outcomes[HEADLINE]
+                outcome = r.outcomes.get(HEADLINE)
+                if outcome is None:
+                    return "-"
                 return format_ratio(outcome.speedup_vs_nn, "x") if outcome.status == "ok" else outcome.status
 
             columns.append(("speedup", speedup))
@@ -645,7 +749,7 @@ def markdown_table(results: List[CaseResult], names: List[str]) -> str:
     if any_cuda:
         for name in (BASELINE, HEADLINE):
             if name in names:
-                columns.append((f"{name} MiB", lambda r, name=name: format_mib(r.outcomes[name])))
+                columns.append((f"{name} MiB", lambda r, name=name: format_mib(r.outcomes.get(name))))
     numeric = {header for header, _ in columns} - {"device", "dtype", "mode"}
     lines = [
         "| " + " | ".join(header for header, _ in columns) + " |",
@@ -655,8 +759,8 @@ def markdown_table(results: List[CaseResult], names: List[str]) -> str:
     return "\n".join(lines)
 
 
-def format_mib(outcome: Outcome) -> str:
-    return "-" if outcome.peak_memory_mib is None else f"{outcome.peak_memory_mib:.1f}"
+def format_mib(outcome: Optional[Outcome]) -> str:
+    return "-" if outcome is None or outcome.peak_memory_mib is None else f"{outcome.peak_memory_mib:.1f}"
 
 
 def cpu_model() -> str:
@@ -668,6 +772,36 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The instruction sets that decide which kernels run (and how fast the libraries' products are).
+ISA_FLAGS = ("avx512f", "avx512_bf16", "avx2", "fma", "asimd", "sve")
+
+
+def cpu_flags() -> List[str]:
+    """Those of ISA_FLAGS this CPU has, from /proc/cpuinfo (x86 'flags', Arm 'Features')."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def describe_cpu(machine) -> str:
+    flags = machine.get("cpu_flags") or []
+    if "avx512f" in flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2, no AVX-512"
+    elif "asimd" in flags:
+        isa = "NEON" + (", SVE" if "sve" in flags else "")
+    else:
+        isa = "no AVX2"
+    return f"{machine['cpu']}, {isa}, {machine['cores_usable']} cores"
 
 
 def git_commit() -> Optional[Dict[str, object]]:
@@ -699,6 +833,7 @@ def machine_description(threads: List[int]) -> Dict[str, object]:
     cuda = torch.cuda.is_available()
     return {
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": threads,
@@ -715,12 +850,17 @@ def machine_description(threads: List[int]) -> Dict[str, object]:
     }
 
 
+def machine_was_busy(machine) -> bool:
+    load, cores = machine.get("load_average_at_start"), machine.get("cores_usable")
+    return load is not None and bool(cores) and load > 0.5 * cores
+
+
 def warn_if_busy(machine) -> None:
     # Other processes on the cores make every time noisy, and multi-threaded code far slower than it
     # is: a thread waiting at an OpenMP barrier for a descheduled partner (torch.compile's CPU code,
     # which parallelises even small loops, suffers most).
     load, cores = machine["load_average_at_start"], machine["cores_usable"]
-    if load is not None and cores and load > 0.5 * cores:
+    if machine_was_busy(machine):
         print(f"warning: the machine is busy (load average {load:.1f} on {cores} cores): "
               "the times will be noisy and too slow, above all with more than one thread", file=sys.stderr)
 
@@ -761,53 +901,206 @@ def finite_or_text(value):
     return value
 
 
-def plot_speedups(path: str, results: List[CaseResult]) -> None:
-    """Speedup of the fused cell over nn.LSTMCell against batch size, one line per hidden size, one
-    panel per device, dtype, threads, T and mode."""
+# ----------------------------------------------------------------------------------------------
+# The verdict and the plot: lstm_fused's two modules against PyTorch's, read from the cases that
+# timed both.
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ours: str  # implementation names, as in IMPLEMENTATIONS
+    theirs: str
+    ours_label: str
+    theirs_label: str
+
+
+COMPARISONS = (
+    Comparison(HEADLINE, BASELINE, "lstm_fused.LSTMCell", "nn.LSTMCell"),
+    Comparison("fused.LSTM", "nn.LSTM", "lstm_fused.LSTM", "nn.LSTM"),
+)
+# Ratios within this of 1 are reported as "about as fast": on a shared machine the same case moves
+# by about this much between runs (benchmarks/results/), so a smaller difference is noise.
+SAME_WITHIN = 0.10
+MODE_VERBS = {FORWARD: "runs inference", TRAINING: "trains"}
+
+
+def comparison_ratio(result: CaseResult, comparison: Comparison) -> Optional[float]:
+    """Their time over ours, both measured in this case; None unless both ran and passed."""
+    ours, theirs = result.outcomes.get(comparison.ours), result.outcomes.get(comparison.theirs)
+    if ours is None or theirs is None or ours.status != "ok" or theirs.status != "ok":
+        return None
+    if not ours.median_ms or not theirs.median_ms:
+        return None
+    return theirs.median_ms / ours.median_ms
+
+
+def comparison_points(results: List[CaseResult]) -> Dict[tuple, Dict[tuple, List[Tuple[int, int, float]]]]:
+    """{(comparison, device, dtype, threads, steps): {(mode): [(batch, hidden, ratio)]}}"""
+    points: Dict[tuple, Dict[tuple, List[Tuple[int, int, float]]]] = {}
+    for result in results:
+        s = result.case.shape
+        for comparison in COMPARISONS:
+            ratio = comparison_ratio(result, comparison)
+            if ratio is not None:
+                group = points.setdefault((comparison, s.device, s.dtype, s.threads, s.steps), {})
+                group.setdefault(result.case.mode, []).append((s.batch, s.hidden_size, ratio))
+    return points
+
+
+def classify(ratios: List[float]) -> str:
+    if min(ratios) > 1 + SAME_WITHIN:
+        return "faster"
+    if max(ratios) < 1 - SAME_WITHIN:
+        return "slower"
+    if min(ratios) >= 1 - SAME_WITHIN and max(ratios) <= 1 + SAME_WITHIN:
+        return "same"
+    return "mixed"
+
+
+def format_span(low: float, high: float, digits: int = 1) -> str:
+    low_text, high_text = f"{low:.{digits}f}", f"{high:.{digits}f}"
+    return f"{low_text}x" if low_text == high_text else f"{low_text}-{high_text}x"
+
+
+def describe_ratio(ratio: float) -> str:
+    if ratio > 1 + SAME_WITHIN:
+        return f"{ratio:.1f}x faster"
+    if ratio < 1 - SAME_WITHIN:
+        return f"{1 / ratio:.1f}x slower"
+    return f"about as fast ({ratio:.2f}x)"
+
+
+def describe_batches(batches: List[int]) -> str:
+    return f"batch {batches[0]}" if len(batches) == 1 else f"batch {batches[0]}-{batches[-1]}"
+
+
+def verdict_sentence(comparison: Comparison, mode: str, steps: int, points: List[Tuple[int, int, float]]) -> str:
+    """E.g. "lstm_fused.LSTM (T=16) trains 1.3-2.1x faster than nn.LSTM at batch 1-16; about as
+    fast (0.95-1.04x) at batch 64; 1.2x slower at batch 256." Consecutive batch sizes of one kind
+    (faster, as fast, slower in every hidden size) are merged; a batch size where the hidden sizes
+    disagree is spelled out."""
+    by_batch: Dict[int, List[Tuple[int, float]]] = {}
+    for batch, hidden, ratio in points:
+        by_batch.setdefault(batch, []).append((hidden, ratio))
+    runs: List[Tuple[str, List[int], List[Tuple[int, float]]]] = []
+    for batch in sorted(by_batch):
+        kind = classify([ratio for _, ratio in by_batch[batch]])
+        if runs and runs[-1][0] == kind and kind != "mixed":
+            runs[-1][1].append(batch)
+            runs[-1][2].extend(by_batch[batch])
+        else:
+            runs.append((kind, [batch], list(by_batch[batch])))
+    phrases = []
+    for kind, batches, entries in runs:
+        ratios = [ratio for _, ratio in entries]
+        where = describe_batches(batches)
+        if kind == "faster":
+            phrases.append(f"{format_span(min(ratios), max(ratios))} faster than {comparison.theirs_label} at {where}")
+        elif kind == "slower":
+            phrases.append(f"{format_span(1 / max(ratios), 1 / min(ratios))} slower at {where}")
+        elif kind == "same":
+            phrases.append(f"about as fast ({format_span(min(ratios), max(ratios), 2)}) at {where}")
+        else:
+            detail = ", ".join(f"{describe_ratio(ratio)} at hidden {hidden}" for hidden, ratio in sorted(entries))
+            phrases.append(f"at {where}: {detail}")
+    if runs and runs[0][0] != "faster":
+        phrases[0] = f"against {comparison.theirs_label}: " + phrases[0]
+    subject = comparison.ours_label + ("" if steps == 1 else f" (T={steps} steps)")
+    return f"{subject} {MODE_VERBS[mode]} " + "; ".join(phrases) + "."
+
+
+def verdict(results: List[CaseResult], machine) -> str:
+    """What a user reads in five seconds: per comparison and mode, where lstm_fused is faster than
+    PyTorch's module, where about as fast, where slower."""
+    points = comparison_points(results)
+    if not points:
+        return "Verdict: no case timed lstm_fused against its nn module (see --impl)."
+    lines = []
+    settings = sorted({key[1:4] for key in points})
+    for device, dtype, threads in settings:
+        where = f"this CPU ({describe_cpu(machine)})" if device == "cpu" else f"this GPU ({machine['gpu']})"
+        lines.append(
+            f"Verdict on {where}, {dtype}, {threads} threads, torch {machine['torch']} (time of PyTorch's "
+            f"module / lstm_fused's, same run; within ±{SAME_WITHIN:.0%} counts as about as fast):"
+        )
+        for comparison in COMPARISONS:
+            for key in sorted(k for k in points if k[0] == comparison and k[1:4] == (device, dtype, threads)):
+                for mode in MODES:
+                    if mode in points[key]:
+                        lines.append("  " + verdict_sentence(comparison, mode, key[4], points[key][mode]))
+    if machine_was_busy(machine):
+        lines.append(f"  (The machine was busy, load average {machine['load_average_at_start']:.1f}: "
+                     "these ratios are noisier than usual.)")
+    return "\n".join(lines)
+
+
+def plot_comparisons(path: str, results: List[CaseResult], machine) -> Optional[str]:
+    """Both comparisons against batch size, one panel per comparison (and device, dtype, threads,
+    T), a line per hidden size and mode. Returns the path written, or None (with one line on
+    stderr saying why)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
-        print(f"--plot: matplotlib is not installed, so {path} was not written "
-              "(pip install matplotlib, or lstm_fused[plot]).", file=sys.stderr)
-        return
-    panels: Dict[tuple, Dict[tuple, List[Tuple[int, float]]]] = {}
-    for result in results:
-        outcome, s = result.outcomes.get(HEADLINE), result.case.shape
-        if outcome is None or outcome.speedup_vs_nn is None:
-            continue
-        panel = (s.device, s.dtype, s.threads, s.steps, result.case.mode)
-        line = (s.input_size, s.hidden_size)
-        panels.setdefault(panel, {}).setdefault(line, []).append((s.batch, outcome.speedup_vs_nn))
-    if not panels:
-        print(f"--plot: no {HEADLINE} speedups to plot, {path} not written.", file=sys.stderr)
-        return
-    columns = min(2, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    for axis, ((device, dtype, threads, steps, mode), lines) in zip(axes.flat, sorted(panels.items())):
-        for (input_size, hidden_size), points in sorted(lines.items()):
-            points.sort()
-            label = f"hidden {hidden_size}" + ("" if input_size == hidden_size else f", input {input_size}")
-            axis.plot([b for b, _ in points], [x for _, x in points], marker="o", label=label)
-        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # parity with nn.LSTMCell
+        print("matplotlib is not installed, so no plot was written (pip install matplotlib).", file=sys.stderr)
+        return None
+    points = comparison_points(results)
+    if not points:
+        print(f"no lstm_fused-vs-nn comparison to plot, {path} not written.", file=sys.stderr)
+        return None
+    panels = sorted(points, key=lambda key: (COMPARISONS.index(key[0]), key[1:]))
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    hidden_sizes = sorted({hidden for group in points.values() for entries in group.values() for _, hidden, _ in entries})
+    colours = {hidden: f"C{index}" for index, hidden in enumerate(hidden_sizes)}
+    for axis, key in zip(axes.flat, panels):
+        comparison, device, dtype, threads, steps = key
+        for mode in MODES:
+            entries = points[key].get(mode, [])
+            for hidden in sorted({hidden for _, hidden, _ in entries}):
+                line = sorted((batch, ratio) for batch, h, ratio in entries if h == hidden)
+                axis.plot([b for b, _ in line], [r for _, r in line], marker="o", color=colours[hidden],
+                          linestyle="-" if mode == TRAINING else "--",
+                          label=f"hidden {hidden}, {'training' if mode == TRAINING else 'inference'}")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.axhspan(1 - SAME_WITHIN, 1 + SAME_WITHIN, color="grey", alpha=0.15, linewidth=0)
+        # Logarithmic both ways: 2x faster and 2x slower lie as far from parity.
         axis.set_xscale("log", base=2)
+        axis.set_yscale("log", base=2)
+        batches = sorted({batch for entries in points[key].values() for batch, _, _ in entries})
+        axis.set_xticks(batches, [str(batch) for batch in batches])
+        axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
         axis.set_xlabel("batch size")
-        axis.set_ylabel("speedup over nn.LSTMCell")
-        axis.set_title(f"{device} {dtype}, {threads} threads, T={steps}, {mode}")
-        axis.legend()
-    for axis in list(axes.flat)[len(panels):]:
-        axis.set_visible(False)
+        axis.set_ylabel(f"speedup over {comparison.theirs_label}")
+        steps_text = "one step" if steps == 1 else f"T={steps}"
+        axis.set_title(f"{comparison.ours_label} vs {comparison.theirs_label} ({steps_text}, {device} {dtype})")
+        axis.legend(fontsize="small")
+    threads = sorted({key[3] for key in panels})
+    title = (f"{describe_cpu(machine)}; {'/'.join(map(str, threads))} threads; torch {machine['torch']} "
+             f"(grey band: within ±{SAME_WITHIN:.0%})")
+    if machine_was_busy(machine):
+        title += f"\nthe machine was busy (load average {machine['load_average_at_start']:.1f}): noisy figures"
+    figure.suptitle(title, fontsize="medium")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    print(f"plot written to {path}", file=sys.stderr)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
+DEFAULT_PLOT = "lstm_fused_benchmark.png"
+
+
+def describe_grid(grid) -> str:
+    parts = "; ".join(
+        f"{', '.join(part.implementations)} at batch {list(part.batch)}, hidden {list(part.hidden)}, T {list(part.steps)}"
+        for part in grid["parts"]
+    )
+    return f"{parts}; {grid['min_run_time']} s per measurement"
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -815,35 +1108,50 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         prog="benchmark.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="implementations:\n" + "\n".join(f"  {i.name:10} {i.description}" for i in IMPLEMENTATIONS.values()),
+        epilog="implementations:\n" + "\n".join(f"  {i.name:10} {i.description}" for i in IMPLEMENTATIONS.values())
+        + f"\n\ndefault grid (about a minute on 2 cores): {describe_grid(DEFAULT_GRID)}"
+        + f"\n--full grid (up to about 15 minutes on 2 cores): {describe_grid(FULL_GRID)}"
+        + "\n--batch, --hidden, --steps and --impl replace that value in every part of the grid.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"fewer sizes (batch {QUICK_GRID['batch']}, hidden {QUICK_GRID['hidden']}), "
-                             f"min run time {QUICK_GRID['min_run_time']} s, no torch.compile unless --impl names it")
+    parser.add_argument("--full", action="store_true", help="the full grid, every implementation (see below)")
+    parser.add_argument("--quick", action="store_true", help="the default grid (kept for older command lines)")
     parser.add_argument("--device", nargs="+", help="cpu and/or cuda (default: cpu, and cuda when available)")
     parser.add_argument("--dtype", nargs="+", help="float32 bfloat16 float16 float64 (default: float32 on the "
                                                    "CPU; float32, bfloat16, float16 on CUDA)")
     parser.add_argument("--threads", nargs="+", type=int, default=[2], help="torch.set_num_threads (default: 2)")
-    parser.add_argument("--batch", nargs="+", type=int, help=f"batch sizes (default: {FULL_GRID['batch']})")
-    parser.add_argument("--hidden", nargs="+", type=int, help=f"hidden sizes (default: {FULL_GRID['hidden']})")
+    parser.add_argument("--batch", nargs="+", type=int, help="batch sizes")
+    parser.add_argument("--hidden", nargs="+", type=int, help="hidden sizes")
     parser.add_argument("--input", nargs="+", type=int, help="input sizes (default: the hidden size)")
-    parser.add_argument("-T", "--steps", nargs="+", type=int,
-                        help=f"steps per call, the state carried between them (default: {FULL_GRID['steps']})")
+    parser.add_argument("-T", "--steps", nargs="+", type=int, help="steps per call, the state carried between them")
     parser.add_argument("--impl", nargs="+", choices=list(IMPLEMENTATIONS),
-                        help=f"implementations (default: all; {BASELINE} is always run, as the baseline)")
+                        help=f"implementations ({BASELINE} is always run, as the baseline)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
                         help=f"{FORWARD}: forward under no_grad; {TRAINING}: forward and all gradients")
-    parser.add_argument("--min-run-time", type=float,
-                        help=f"seconds of timing per measurement (default: {FULL_GRID['min_run_time']})")
+    parser.add_argument("--min-run-time", type=float, help="seconds of timing per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write every figure and the machine description")
-    parser.add_argument("--plot", metavar="PATH", help="draw speedup against batch size (PNG; needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH", default=DEFAULT_PLOT,
+                        help=f"where the PNG of both comparisons goes (default: {DEFAULT_PLOT}; needs matplotlib)")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
 
-    grid = QUICK_GRID if args.quick else FULL_GRID
-    for name in ("batch", "hidden", "steps", "min_run_time"):
-        if getattr(args, name) is None:
-            setattr(args, name, grid[name])
+    if args.full and args.quick:
+        parser.error("--full and --quick are two different grids: pick one")
+    grid = FULL_GRID if args.full else DEFAULT_GRID
+    parts = []
+    for part in grid["parts"]:
+        implementations = part.implementations if args.impl is None else tuple(args.impl)
+        # The baseline first: its time is every speedup's numerator and its error the others' scale.
+        implementations = (BASELINE,) + tuple(n for n in IMPLEMENTATIONS if n in implementations and n != BASELINE)
+        parts.append(GridPart(
+            implementations,
+            tuple(args.batch or part.batch),
+            tuple(args.hidden or part.hidden),
+            tuple(args.steps or part.steps),
+        ))
+    args.parts = list(dict.fromkeys(parts))  # overrides can make parts identical
+    if args.min_run_time is None:
+        args.min_run_time = grid["min_run_time"]
     if args.device is None:
         args.device = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in args.device:
@@ -856,11 +1164,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         unknown = [d for d in args.dtype if d not in DTYPES]
         if unknown:
             parser.error(f"--dtype {' '.join(unknown)}: expected some of {', '.join(DTYPES)}")
-    if args.impl is None:
-        args.impl = [i.name for i in IMPLEMENTATIONS.values() if not (args.quick and i.slow_to_build)]
-    # The baseline first: its time is every speedup's numerator and its error the others' scale.
-    args.impl = [BASELINE] + [name for name in IMPLEMENTATIONS if name in args.impl and name != BASELINE]
-    if min(args.batch + args.hidden + args.steps + args.threads + (args.input or [1])) < 1:
+    sizes = [size for part in args.parts for size in part.batch + part.hidden + part.steps]
+    if min(sizes + args.threads + (args.input or [1])) < 1:
         parser.error("sizes, steps and threads must be positive")
     return args
 
@@ -871,51 +1176,67 @@ def dtypes_for(device: str, chosen: Optional[List[str]]) -> List[str]:
     return ["float32"] if device == "cpu" else ["float32", "bfloat16", "float16"]
 
 
-def shapes_from(args) -> List[Shape]:
-    shapes = []
-    for device in args.device:
-        for dtype in dtypes_for(device, args.dtype):
-            for threads in args.threads:
-                for steps in args.steps:
-                    for hidden in args.hidden:
-                        for input_size in args.input or [hidden]:
-                            for batch in args.batch:
-                                shapes.append(Shape(device, dtype, threads, batch, input_size, hidden, steps))
-    return shapes
+def shapes_from(args) -> List[Tuple[Shape, List[str]]]:
+    """Every shape to run, with the implementations to run on it."""
+    jobs: Dict[Shape, List[str]] = {}
+    for part in args.parts:
+        for device in args.device:
+            for dtype in dtypes_for(device, args.dtype):
+                for threads in args.threads:
+                    for steps in part.steps:
+                        for hidden in part.hidden:
+                            for input_size in args.input or [hidden]:
+                                for batch in part.batch:
+                                    shape = Shape(device, dtype, threads, batch, input_size, hidden, steps)
+                                    names = jobs.setdefault(shape, [])
+                                    names += [n for n in part.implementations if n not in names]
+    return list(jobs.items())
 
 
 def main(argv=None) -> int:
     args = parse_arguments(argv)
-    shapes = shapes_from(args)
+    jobs = shapes_from(args)
     machine = machine_description(args.threads)
-    total = len(shapes) * len(args.mode)
+    total = len(jobs) * len(args.mode)
     print(
         f"lstm_fused {machine['lstm_fused']} ({machine['lstm_fused_path']}), torch {machine['torch']}, "
-        f"{machine['cpu']} ({machine['cores']} cores), GPU: {machine['gpu']}; {total} cases, "
-        f"implementations: {', '.join(args.impl)}",
+        f"{describe_cpu(machine)}, GPU: {machine['gpu']}; {total} cases"
+        + ("" if args.full else " (--full for the whole grid)"),
         file=sys.stderr,
     )
     warn_if_busy(machine)
     started, results = time.perf_counter(), []
+    progress = Progress([case_weight(shape, names) for shape, names in jobs for _ in args.mode])
     try:
-        for shape in shapes:
-            for result in run_shape(shape, args.mode, args.impl, args.min_run_time, args.seed):
+        for shape, names in jobs:
+            for result in run_shape(shape, args.mode, names, args.min_run_time, args.seed):
                 results.append(result)
-                print(progress_line(len(results), total, result, time.perf_counter() - started),
-                      file=sys.stderr, flush=True)
+                progress.advance(case_summary(result))
     except KeyboardInterrupt:
         # Long runs: keep what was measured.
+        progress.finish()
         print(f"interrupted after {len(results)} of {total} cases", file=sys.stderr)
-    print(markdown_table(results, args.impl))
+    else:
+        progress.finish()
     wall_time_s = time.perf_counter() - started
+    # One table per set of implementations, so that no table is mostly empty columns.
+    tables: Dict[Tuple[str, ...], List[CaseResult]] = {}
+    for result in results:
+        tables.setdefault(tuple(result.outcomes), []).append(result)
+    for names, group in tables.items():
+        print(markdown_table(group, list(names)) + "\n")
 
-    settings = {key: value for key, value in vars(args).items() if key not in ("json", "plot")}
-    settings["implementations"] = settings.pop("impl")
+    settings = {key: value for key, value in vars(args).items() if key not in ("json", "plot", "no_plot", "parts")}
+    settings["grid"] = [asdict(part) for part in args.parts]
+    settings["implementations"] = list(dict.fromkeys(name for part in args.parts for name in part.implementations))
+    settings.pop("impl")
     if args.json:
         write_json(args.json, results, machine, settings, wall_time_s)
         print(f"figures written to {args.json}", file=sys.stderr)
-    if args.plot:
-        plot_speedups(args.plot, results)
+    if not args.no_plot:
+        written = plot_comparisons(args.plot, results, machine)
+        if written:
+            print(f"plot written to {written}", file=sys.stderr)
 
     failures = [
         f"{result.case.describe()}: {name}: {outcome.message}"
@@ -923,6 +1244,8 @@ def main(argv=None) -> int:
         for name, outcome in result.outcomes.items()
         if outcome.status == "FAILED"
     ]
+    print(verdict(results, machine) + f"\n({len(results)} cases in {format_duration(wall_time_s)})")
+    sys.stdout.flush()
     if failures:
         print(f"{len(failures)} FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

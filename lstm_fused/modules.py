@@ -14,8 +14,26 @@ class LSTMCell(nn.LSTMCell):
 
     A subclass of nn.LSTMCell: same constructor, parameters (``weight_ih`` [4H, I], ``weight_hh``
     [4H, H], ``bias_ih``, ``bias_hh``; gate order i, f, g, o), initialisation, state_dict and repr.
-    ``cell(input, hx=None)`` returns ``(h_1, c_1)``; ``cell(input, hx, return_gates=True)`` also
-    returns the step's activated gates as an :class:`lstm_fused.LSTMGates`.
+
+    Args:
+        input_size: features of the input x.
+        hidden_size: features of the states h and c.
+        bias: if ``False``, no ``bias_ih`` and ``bias_hh``. Default: ``True``.
+        device, dtype: where and in what the parameters are made, as for nn.LSTMCell.
+
+    ``cell(input, hx=None, *, return_gates=False)``:
+        input: (batch, input_size), or unbatched (input_size,).
+        hx: ``(h_0, c_0)``, each (batch, hidden_size) (unbatched: (hidden_size,)); ``None``: zeros.
+        return_gates: if ``True``, also return the step's activated gates as an
+            :class:`lstm_fused.LSTMGates` (input, forget, cell, output; each shaped like h_1).
+            They cost nothing extra, and gradients flow through them.
+
+    Returns ``(h_1, c_1)``, or ``(h_1, c_1, gates)``.
+
+    float32 and float64 are computed natively, float16 and bfloat16 in float32 and stored in their
+    own dtype. Double backward, ``torch.func`` transforms and forward-mode AD work (the step then
+    runs as differentiable ATen ops: correct, not fused), as do torch.compile, torch.export and
+    the meta device.
     """
 
     def forward(self, input, hx=None, *, return_gates: bool = False):
@@ -41,16 +59,39 @@ class LSTM(nn.LSTM):
 
     A subclass of nn.LSTM: same constructor, parameters (``weight_ih_l0``, ``weight_hh_l0_reverse``,
     ...), initialisation, state_dict and repr; holds no state of its own (which is what lets
-    :func:`lstm_fused.convert` switch an nn.LSTM's class in place). ``lstm(input, (h_0, c_0)=None)``
-    returns ``(output, (h_n, c_n))`` with nn.LSTM's shapes, for batched, unbatched, batch_first and
-    PackedSequence input. ``lstm(input, hx, return_states=True)`` also returns a tuple of
-    :class:`LSTMLayerStates`, one per layer and direction, ordered as h_n's first dimension
-    (``layer * num_directions + direction``).
+    :func:`lstm_fused.convert` switch an nn.LSTM's class in place).
 
-    Not supported: ``proj_size > 0`` (raises NotImplementedError), and double backward (a second
-    differentiation of its gradients raises). torch.compile: Dynamo refuses every nn.LSTM subclass
-    unless ``torch._dynamo.config.allow_rnn = True``; with it, the forward compiles without graph
-    breaks.
+    Args:
+        input_size: features of the input x.
+        hidden_size: features of the hidden and cell states.
+        num_layers: stacked layers, each taking the previous layer's output. Default: 1.
+        bias: if ``False``, no ``bias_ih_l[k]`` and ``bias_hh_l[k]``. Default: ``True``.
+        batch_first: if ``True``, input and output are (batch, seq, feature) rather than
+            (seq, batch, feature); h_0, c_0, h_n and c_n are not affected. Default: ``False``.
+        dropout: probability of dropout on every layer's output but the last, in training mode.
+            Default: 0.
+        bidirectional: if ``True``, each layer also runs over the reversed sequence, and its
+            output is the forward and the backward halves concatenated. Default: ``False``.
+        proj_size: must be 0: ``proj_size > 0`` raises NotImplementedError (use nn.LSTM).
+        device, dtype: where and in what the parameters are made, as for nn.LSTM.
+
+    ``lstm(input, hx=None, *, return_states=False)``:
+        input: (seq, batch, input_size), (batch, seq, input_size) with batch_first, unbatched
+            (seq, input_size), or a ``PackedSequence``.
+        hx: ``(h_0, c_0)``, each (num_layers * num_directions, batch, hidden_size) (unbatched: no
+            batch dimension); ``None``: zeros.
+        return_states: if ``True``, also return a tuple of :class:`LSTMLayerStates`, one per layer
+            and direction, ordered as h_n's first dimension (``layer * num_directions +
+            direction``): every step's activated gates and cell state.
+
+    Returns ``(output, (h_n, c_n))`` with nn.LSTM's shapes, or ``(output, (h_n, c_n), states)``.
+
+    Double backward (``create_graph=True``, gradient penalties), ``torch.func`` transforms and
+    forward-mode AD work, with nn.LSTM's answers: under them the recurrence runs as
+    differentiable ATen ops, correct but not fused; ordinary training keeps the fused path.
+    torch.compile: Dynamo refuses every nn.LSTM subclass unless
+    ``torch._dynamo.config.allow_rnn = True``; with it, the forward compiles without graph breaks.
+    ``flatten_parameters()`` is a no-op. Not supported: ``proj_size > 0``.
     """
 
     def __init__(self, *args, **kwargs):

@@ -1,6 +1,7 @@
 """The teaching examples under examples/ still teach what they claim: each trains to the accuracy
 its report shows, its report prints, and square_directions shows the fused cell and
-nn.LSTMCell giving the same gates and states step by step. Thresholds sit well below what every
+nn.LSTMCell giving the same gates and states step by step; lstm_shapes, which trains nothing, checks
+its answers about shapes, h_n, c_n and bidirectional layouts. The training thresholds sit well below what every
 seed from 0 to 19 reached (all 1.0 or 0.999), and well above chance, so a kernel or training
 regression that stops the examples from learning turns these red.
 
@@ -109,3 +110,35 @@ def test_example_runs_as_a_script(name, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Trained in" in result.stdout
     assert (tmp_path / f"{name}.png").exists() == HAVE_MATPLOTLIB
+
+
+def test_lstm_shapes_answers_hold(capsys):
+    metrics = load_example("lstm_shapes").main(seed=0)
+    report = capsys.readouterr().out
+    steps, batch, features, hidden, layers = 7, 4, 3, 5, 2
+    assert metrics["shapes"] == {
+        "time-first (T, B, I)": dict(input=(steps, batch, features), output=(steps, batch, hidden),
+                                     h_n=(layers, batch, hidden), c_n=(layers, batch, hidden)),
+        "batch_first (B, T, I)": dict(input=(batch, steps, features), output=(batch, steps, hidden),
+                                      h_n=(layers, batch, hidden), c_n=(layers, batch, hidden)),
+        "unbatched (T, I)": dict(input=(steps, features), output=(steps, hidden),
+                                 h_n=(layers, hidden), c_n=(layers, hidden)),
+    }
+    # Each claim the report makes is an equality up to float32 rounding...
+    for claim in ("last_step_vs_h_n", "layer0_h_from_states", "cell_states_vs_c_n", "step_by_step_output",
+                  "step_by_step_state", "cell_loop_vs_layer0", "forward_last_step_vs_h_n",
+                  "backward_first_step_vs_h_n", "nn_difference"):
+        assert metrics[claim] < 1e-5, claim
+    # ...but the one it warns against: the backward half's last step is not the backward h_n.
+    assert metrics["backward_last_step_vs_h_n"] > 1e-2
+    for part in ("1. Shapes", "2. h_n[l]", "3. One step at a time", "4. Bidirectional"):
+        assert part in report
+
+
+def test_lstm_shapes_runs_as_a_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "lstm_shapes.py"), "--seed", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "4. Bidirectional" in result.stdout and "Ran in" in result.stdout
