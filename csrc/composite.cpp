@@ -11,6 +11,20 @@
 namespace lstm_fused {
 namespace {
 
+// Strided tensors only: a sparse layout's keys also reach CompositeExplicitAutograd, and the
+// Python layer answers NotImplementedError by densifying (as for the CPU kernels).
+void check_strided(std::initializer_list<const at::Tensor*> tensors, const char* op) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        t == nullptr || !t->defined() || t->layout() == at::kStrided, "lstm_fused::", op, " takes strided tensors, got ",
+        t->layout());
+  }
+}
+
+const at::Tensor* pointer_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
 // float for half and bfloat16, as the kernels compute: sigmoid in half underflows near -7.8.
 at::Tensor in_compute_type(const at::Tensor& t) {
   return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
@@ -34,6 +48,7 @@ void cell_pointwise_composite_(
     const std::optional<at::Tensor>& bias,
     at::Tensor& hy,
     at::Tensor& cy) {
+  check_strided({&gates, &cx, pointer_or_null(bias), &hy, &cy}, "cell_pointwise_");
   check_cell_pointwise_args(gates, cx, bias, hy, cy);
   const at::Tensor preactivation = bias.has_value() ? gates + *bias : gates;
   const auto [hidden, cell, activated] = activate(preactivation, cx);
@@ -50,6 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_composite(
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh) {
+  check_strided({&input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh)},
+                "cell_forward");
   check_cell_forward_args(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
   at::Tensor preactivation = at::linear(input, weight_ih, bias_ih) + at::linear(hx, weight_hh, bias_hh);
   const auto [hy, cy, gates] = activate(preactivation, cx);
@@ -64,6 +81,8 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_composite(
     const at::Tensor& cx,
     const at::Tensor& cy,
     const at::Tensor& gates) {
+  check_strided({pointer_or_null(grad_hy), pointer_or_null(grad_cy), pointer_or_null(grad_gates), &cx, &cy, &gates},
+                "cell_gate_grads");
   check_cell_gate_grads_args(grad_hy, grad_cy, grad_gates, cx, cy, gates);
   const auto chunks = in_compute_type(gates).chunk(4, 1);
   const at::Tensor &input_gate = chunks[0], &forget_gate = chunks[1], &cell_gate = chunks[2], &output_gate = chunks[3];
