@@ -3,10 +3,15 @@ non-zero on a mismatch. Not a pytest module: it is the workload for compute-sani
 
     cd /tmp && compute-sanitizer --tool memcheck  --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
     cd /tmp && compute-sanitizer --tool racecheck --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
+    cd /tmp && compute-sanitizer --tool synccheck --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
     cd /tmp && compute-sanitizer --tool initcheck --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
 
-The shapes are small (the sanitizers slow kernels down 10-100x) but cover the fused kernel's tiles
-(batch 1, 3 -> tile 4, 9 -> tile 8/16 or several tiles of 4), the scalar and vectorised paths
+(benchmarks/gpu_proof.sh runs memcheck, racecheck and synccheck this way.)
+
+The shapes are small (the sanitizers slow kernels down 10-100x) but cover every tile of the fused
+kernel (csrc/cuda/cell_kernels.cuh) and its tails: batch 1 -> tile 1, 3 -> tile 4, 5 and 8 -> tile 8
+(double: two tiles of 4), 9 and 16 -> tile 16 (half/bfloat16: tiles of 8), 33 -> three tiles of 16;
+the scalar and vectorised paths
 (sizes 5, 7 against 64, 128), more than one shared-memory chunk per segment (hidden 1024 at the
 larger tiles), the in-block split of K over warps (small hidden, long input), the fallback
 (batch 257) and every presence pattern of the backward's incoming gradients.
@@ -30,7 +35,11 @@ SHAPES = [  # (batch, input_size, hidden_size)
     (1, 128, 64),
     (1, 7, 5),
     (3, 0, 300),
+    (5, 16, 33),
+    (8, 64, 3),
     (9, 128, 1024),
+    (16, 7, 64),
+    (33, 64, 40),
     (2, 2048, 8),
     (257, 7, 64),
 ]
@@ -114,6 +123,13 @@ def main():
     for batch in (0, 3):  # empty batch, and an empty hidden state: no launch may be attempted
         step_case(batch, 7, 5, torch.float32, True)
     step_case(3, 7, 0, torch.float32, True)
+    # With TF32 allowed, float32 switches to cuBLAS above batch 8: both sides of that boundary.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    TOLERANCE[torch.float32] = 5e-3
+    for batch in (8, 9):
+        step_case(batch, 128, 64, torch.float32, True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    TOLERANCE[torch.float32] = 1e-4
     if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
     if failures:

@@ -413,7 +413,7 @@ def test_pointwise_and_gate_grads_device_mismatch():
     gates = torch.randn(3, 20, device=DEVICE)
     cx = torch.randn(3, 5)
     hy, cy = torch.empty(3, 5, device=DEVICE), torch.empty(3, 5, device=DEVICE)
-    with pytest.raises(RuntimeError, match=re.escape("cx is on device cpu but input is on cuda")):
+    with pytest.raises(RuntimeError, match=re.escape("cx is on device cpu but gates is on cuda")):
         ops.cell_pointwise_(gates, cx, None, hy, cy)
     with pytest.raises(RuntimeError, match=re.escape("gates is on device cuda")):
         ops.cell_gate_grads(None, None, None, cx, cx, gates)
@@ -540,3 +540,33 @@ def test_fused_forward_weight_beyond_32_bit_offsets():
     assert_close(c1, expected_c1, 1e-2, "c_1 with a >2^31-element weight")
     assert_close(h1, o.sigmoid() * expected_c1.tanh(), 1e-2, "h_1 with a >2^31-element weight")
     assert_close(gates[:, 3 * hidden_size :], o.sigmoid(), 1e-2, "output gate with a >2^31-element weight")
+
+
+@pytest.mark.parametrize("batch", [8, 9, 64, 65])
+def test_tf32_allowed_on_both_sides_of_the_path_boundary(batch):
+    # With TF32 allowed the float32 path switches to cuBLAS (tensor cores) above batch 8
+    # (cell_kernels.cuh, use_fused_forward): both sides must agree with nn.LSTMCell under the same
+    # setting, to TF32's rounding (10-bit mantissa products).
+    torch_cell, fused_cell = make_cells(256, 512, True, torch.float32)
+    x, h0, c0 = random_inputs(batch, 256, 512, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    h1, c1 = fused_cell(x, (h0, c0))
+    expected_h1, expected_c1 = torch_cell(x, (h0, c0))
+    assert_close(h1, expected_h1, 5e-3, "h_1 with TF32 allowed")
+    assert_close(c1, expected_c1, 5e-3, "c_1 with TF32 allowed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("batch", [5, 8, 16, 17, 33])
+def test_batch_tiles_on_the_gpu(dtype, batch):
+    # The tiles of 8 and 16 rows and their tails (the emulated tests run the same on the CPU).
+    if dtype == torch.float32:
+        check_parity(batch, 128, 300, True, dtype)
+    else:
+        _, fused_cell = make_cells(128, 512, True, dtype)
+        x, h0, c0 = random_inputs(batch, 128, 512, dtype)
+        params64 = [p.detach().double() for p in fused_cell.parameters()]
+        h1, c1 = fused_cell(x, (h0, c0))
+        expected_h1, expected_c1 = reference.lstm_cell(x.double(), (h0.double(), c0.double()), *params64)
+        assert_close(h1, expected_h1, TOLERANCE[dtype], "h_1")
+        assert_close(c1, expected_c1, TOLERANCE[dtype], "c_1")
