@@ -208,19 +208,30 @@ for batch, steps, hidden, dtype_name in seq_cases:
                     out.sum().backward()
             ms = timed(run, 2, seq_repeats)
             rows.append(dict(part="sequence", impl=name, dtype=dtype_name, batch=batch, hidden=hidden, T=steps, kind=kind, ms=ms))
+    # The persistent kernel (forward only, its own op until lf.LSTM is wired to it).
+    if on_gpu and hasattr(torch.ops.lstm_fused, "sequence_forward_persistent"):
+        weights = [p.detach() for p in (ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0, ref.bias_hh_l0)]
+        zeros = torch.zeros(batch, hidden, device=device, dtype=dtype)
+
+        def run():
+            torch.ops.lstm_fused.sequence_forward_persistent(x.detach(), zeros, zeros, *weights, False)
+
+        ms = timed(run, 2, seq_repeats)
+        rows.append(dict(part="sequence", impl="persistent", dtype=dtype_name, batch=batch, hidden=hidden, T=steps, kind="forward", ms=ms))
     print(f"sequence {dtype_name} B={batch} T={steps} H={hidden} done", flush=True)
 
 with open(f"{out_dir}/benchmark.json", "w") as f:
     json.dump(dict(device=torch.cuda.get_device_name() if on_gpu else "cpu", torch=torch.__version__, rows=rows), f, indent=1)
 with open(f"{out_dir}/benchmark.md", "w") as f:
-    f.write("| part | dtype | B | T | H | kind | lstm_fused ms | torch ms | torch / lstm_fused |\n|---|---|---|---|---|---|---|---|---|\n")
+    f.write("| part | dtype | B | T | H | kind | lstm_fused ms | torch ms | torch / lstm_fused | persistent kernel ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
     keyed = {}
     for r in rows:
         keyed.setdefault((r["part"], r["dtype"], r["batch"], r["T"], r["hidden"], r["kind"]), {})[r["impl"]] = r["ms"]
     for (part, dtype_name, batch, steps, hidden, kind), impls in keyed.items():
         ours = impls["lstm_fused"]
         theirs = impls.get("nn.LSTMCell", impls.get("nn.LSTM"))
-        f.write(f"| {part} | {dtype_name} | {batch} | {steps} | {hidden} | {kind} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f}x |\n")
+        persistent = f"{impls['persistent']:.3f}" if "persistent" in impls else "-"
+        f.write(f"| {part} | {dtype_name} | {batch} | {steps} | {hidden} | {kind} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f}x | {persistent} |\n")
 print(open(f"{out_dir}/benchmark.md").read())
 PYTHON
 run_part benchmark 120 bash -c 'cd "$1" && python bench.py "$2" "$3"' _ "$WORK" "$DEVICE" "$OUT"

@@ -106,6 +106,27 @@ def gate_grads_case(dtype):
         check(f"cell_gate_grads {dtype} present={present} grad_cx", grad_cx, expected_cx, dtype)
 
 
+def sequence_case(steps, batch, input_size, hidden_size, dtype, reverse):
+    lstm = torch.nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=torch.float64)
+    weights = [p.detach().to(dtype) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    with torch.no_grad():
+        for p, w in zip(lstm.parameters(), weights):
+            p.copy_(w.double())
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
+    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    output, hy, cy, _, _ = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    xr = x.double().flip(0) if reverse else x.double()
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
+    if reverse:
+        expected = expected.flip(0)
+    name = f"sequence_forward_persistent {dtype} T={steps} batch={batch} hidden={hidden_size} reverse={reverse}"
+    check(f"{name} output", output, expected, dtype)
+    check(f"{name} h_n", hy, expected_h[0], dtype)
+    check(f"{name} c_n", cy, expected_c[0], dtype)
+
+
 def main():
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("cuda_sanitizer_driver: no CUDA device", file=sys.stderr)
@@ -130,7 +151,12 @@ def main():
         step_case(batch, 128, 64, torch.float32, True)
     torch.backends.cuda.matmul.allow_tf32 = False
     TOLERANCE[torch.float32] = 1e-4
-    if DEVICE.startswith("cuda"):
+    if DEVICE.startswith("cuda") and hasattr(ops, "sequence_forward_persistent"):
+        # The persistent sequence kernel: one block, several blocks, reverse, and a fallback shape.
+        for steps, batch, hidden_size, reverse in [(3, 2, 5, False), (4, 5, 40, True), (2, 2, 4096, False)]:
+            for dtype in (torch.float32, torch.bfloat16):
+                sequence_case(steps, batch, 7, hidden_size, dtype, reverse)
+                cases += 1
         torch.cuda.synchronize()
     if failures:
         print(f"cuda_sanitizer_driver: {len(failures)} mismatches", file=sys.stderr)

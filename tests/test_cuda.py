@@ -570,3 +570,34 @@ def test_batch_tiles_on_the_gpu(dtype, batch):
         expected_h1, expected_c1 = reference.lstm_cell(x.double(), (h0.double(), c0.double()), *params64)
         assert_close(h1, expected_h1, TOLERANCE[dtype], "h_1")
         assert_close(c1, expected_c1, TOLERANCE[dtype], "c_1")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden_size",
+    # 4096 hidden units: W_hh's slices do not fit in shared memory, the op falls back per step.
+    [(5, 3, 7, 33), (4, 16, 768, 768), (3, 2, 16, 4096)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sequence_forward_persistent_against_nn_lstm(dtype, steps, batch, input_size, hidden_size, reverse):
+    lstm = nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=torch.float64)
+    weights = [p.detach().to(dtype) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    with torch.no_grad():
+        for p, w in zip(lstm.parameters(), weights):
+            p.copy_(w.double())
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
+    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    xr = x.double().flip(0) if reverse else x.double()
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
+    if reverse:
+        expected = expected.flip(0)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    assert_close(output, expected, tolerance, "output")
+    assert_close(hy, expected_h[0], tolerance, "h_n")
+    assert_close(cy, expected_c[0], tolerance, "c_n")
+    last = 0 if reverse else steps - 1
+    assert_close(cell_states[last], expected_c[0], tolerance, "cell state of the last step")
+    assert torch.isfinite(gates).all()

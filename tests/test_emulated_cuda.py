@@ -393,3 +393,74 @@ def test_emulation_exposes_a_missing_barrier(emu):
     out = emu.selftest("race_without_barrier", 2, 64)
     expected = (torch.arange(128) % 64 + 1) % 64
     assert not torch.equal(out, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# The persistent sequence kernel: one cooperative launch for all steps, a grid barrier per step
+# ------------------------------------------------------------------------------------------------
+
+
+def lstm_case(steps, batch, input_size, hidden_size, dtype, bias=True):
+    lstm = nn.LSTM(input_size, hidden_size, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.copy_(nonzero_randn(*p.shape, scale=max(1, input_size + hidden_size) ** -0.5 * 2).to(dtype).double())
+    x = nonzero_randn(steps, batch, input_size, dtype=dtype)
+    h0 = nonzero_randn(batch, hidden_size, dtype=dtype)
+    c0 = nonzero_randn(batch, hidden_size, dtype=dtype)
+    weights = [lstm.weight_ih_l0, lstm.weight_hh_l0] + ([lstm.bias_ih_l0, lstm.bias_hh_l0] if bias else [None, None])
+    weights = [None if w is None else w.detach().to(dtype).contiguous() for w in weights]
+    return lstm, x, h0, c0, weights
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden_size",
+    [(1, 1, 7, 1), (5, 3, 7, 5), (4, 6, 1, 9), (3, 17, 16, 33), (2, 2, 5, 70)],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_persistent_sequence_against_nn_lstm(emu, dtype, steps, batch, input_size, hidden_size, reverse):
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
+    output, hy, cy, cell_states, gates, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, reverse, True)
+    assert ran, "the shape must fit the persistent kernel"
+    xr = x.double().flip(0) if reverse else x.double()
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
+    if reverse:
+        expected = expected.flip(0)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert relative_error(output, expected) <= tolerance
+    assert relative_error(hy, expected_h[0]) <= tolerance
+    assert relative_error(cy, expected_c[0]) <= tolerance
+    # The cell states and gates of each step, from the step formulas on the kernel's own h_{t-1}
+    # and c_{t-1} in float64 (the whole recurrence, step by step, for float64 only).
+    if dtype == torch.float64:
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        h, c = h0, c0
+        w_ih, w_hh, b_ih, b_hh = weights
+        for t in order:
+            z = x[t] @ w_ih.T + h @ w_hh.T + b_ih + b_hh
+            i, f, g, o = z.chunk(4, dim=1)
+            expected_gates = torch.cat((i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()), dim=1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = o.sigmoid() * c.tanh()
+            assert relative_error(gates[t], expected_gates) <= 1e-12
+            assert relative_error(cell_states[t], c) <= 1e-12
+
+
+def test_persistent_sequence_without_bias_or_gates(emu):
+    lstm, x, h0, c0, weights = lstm_case(4, 5, 6, 12, torch.float32, bias=False)
+    output, hy, cy, _, gates, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, False, False)
+    assert ran
+    with torch.no_grad():
+        expected, _ = lstm(x.double(), (h0.double()[None], c0.double()[None]))
+    assert relative_error(output, expected) <= 1e-5
+    assert torch.isnan(gates).all()
+
+
+def test_persistent_sequence_refuses_a_grid_that_cannot_be_resident(emu):
+    # 65 blocks of 8 units: more than the emulation keeps alive together (64), as a GPU has a
+    # co-residency limit; the op must refuse rather than deadlock at the first grid barrier.
+    _, x, h0, c0, weights = lstm_case(2, 1, 3, 8 * 65, torch.float32)
+    *_, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, False, True)
+    assert not ran

@@ -36,9 +36,14 @@
 #define LSTM_FUSED_DYNAMIC_SHARED(type, name) type* name = ::cuda_emulation::dynamic_shared<type>()
 #define LSTM_FUSED_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
   ::cuda_emulation::launch((grid), (block), (shared_bytes), [=] { kernel(__VA_ARGS__); })
+#define LSTM_FUSED_LAUNCH_COOPERATIVE(kernel, grid, block, shared_bytes, stream, ...) \
+  ::cuda_emulation::launch_cooperative((grid), (block), (shared_bytes), [=] { kernel(__VA_ARGS__); })
 #else
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
+#define LSTM_FUSED_LAUNCH_COOPERATIVE(kernel, grid, block, shared_bytes, stream, ...) \
+  ::lstm_fused::cuda::launch_cooperative_kernel(kernel, (grid), (block), (shared_bytes), (stream), __VA_ARGS__)
 #define LSTM_FUSED_DYNAMIC_SHARED(type, name)                 \
   extern __shared__ __align__(16) unsigned char name##_raw[]; \
   type* name = reinterpret_cast<type*>(name##_raw)
@@ -800,6 +805,215 @@ void launch_cell_gate_grads(
     default: LSTM_FUSED_GATE_GRADS(true, true, true); break;
   }
 #undef LSTM_FUSED_GATE_GRADS
+}
+
+// ------------------------------------------------------------------------------------------------
+// Persistent sequence forward: one cooperative launch runs every step of a layer direction
+// ------------------------------------------------------------------------------------------------
+//
+// The host does no work per step: the input projection of all steps (x W_ih^T + both biases) is
+// one GEMM before the launch, and the kernel loops over the steps itself. Each block owns
+// kSequenceUnits hidden units and keeps their four gate rows of W_hh resident in shared memory
+// across all steps; each step it stages h_{t-1} (all units, written by every block the step
+// before), computes its units' gates for every batch row, updates c and h, and the grid meets at a
+// grid-wide barrier before the next step reads the new h. Shapes whose weights or states do not fit
+// on chip, or whose grid cannot be co-resident, are refused (plan.fits false) and the caller falls
+// back to one fused step per launch. SIMT float accumulation in every dtype: tensor-core fragments
+// for bf16/fp16 (and TF32 where allowed) are not written yet.
+
+#if !defined(LSTM_FUSED_CUDA_EMULATION)
+// cudaLaunchCooperativeKernel takes its arguments as an array of pointers to them.
+// The arguments are converted to the kernel's parameter types first: the pointers must point at
+// objects of exactly those types.
+template <typename... Params>
+void launch_cooperative_kernel(
+    void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+    std::type_identity_t<Params>... args) {
+  void* pointers[] = {static_cast<void*>(&args)...};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
+      reinterpret_cast<const void*>(kernel), grid, block, pointers, shared_bytes, stream));
+}
+#endif
+
+constexpr int kSequenceWarps = 8;
+constexpr int kSequenceThreads = kSequenceWarps * kWarpSize;
+constexpr int kSequenceUnits = kSequenceWarps;  // one warp per hidden unit of the block
+constexpr int kSequenceRowTile = 4;             // batch rows accumulated together per warp
+
+struct SequenceShape {
+  int64_t steps;
+  int64_t batch;
+  int64_t hidden_size;
+  bool reverse;
+};
+
+struct SequencePlan {
+  int64_t blocks;
+  size_t shared_bytes;
+  bool fits;
+};
+
+// max_shared_bytes: the device's opt-in limit per block; max_blocks: how many blocks of this
+// kernel at shared_bytes can be co-resident (occupancy x SMs), 0 when cooperative launches are
+// unsupported.
+template <typename scalar_t>
+SequencePlan plan_persistent_sequence(int64_t batch, int64_t hidden_size, size_t max_shared_bytes, int64_t max_blocks) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  SequencePlan plan;
+  plan.blocks = ceil_div(hidden_size, kSequenceUnits);
+  // h_{t-1} of every row, as the compute type, then the block's 4 * kSequenceUnits rows of W_hh.
+  plan.shared_bytes = static_cast<size_t>(batch * hidden_size) * sizeof(opmath_t) +
+      static_cast<size_t>(4 * kSequenceUnits * hidden_size) * sizeof(scalar_t);
+  plan.fits = batch > 0 && hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
+  return plan;
+}
+
+// `output` and `cell_states` are written by every block and read by every block at the next step:
+// no __restrict__ and no const on them, so the compiler never routes their reads through the
+// non-coherent read-only cache, which would miss another block's writes.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_kernel(
+    const scalar_t* __restrict__ projected,  // [T, B, 4H]: x W_ih^T + bias_ih + bias_hh, per step
+    const scalar_t* __restrict__ weight_hh,  // [4H, H]
+    const scalar_t* __restrict__ hx,         // [B, H]
+    const scalar_t* __restrict__ cx,         // [B, H]
+    scalar_t* output,                        // [T, B, H]: h of every step
+    scalar_t* cell_states,                   // [T, B, H]: c of every step
+    scalar_t* __restrict__ gates,            // [T, B, 4H], activated i, f, g, o; null when not wanted
+    scalar_t* __restrict__ hy,               // [B, H]: h after the last step visited
+    scalar_t* __restrict__ cy,               // [B, H]
+    const SequenceShape shape) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t B = shape.batch;
+  const int64_t H = shape.hidden_size;
+  LSTM_FUSED_DYNAMIC_SHARED(opmath_t, staged_h);  // [B, H]
+  scalar_t* resident_weight = reinterpret_cast<scalar_t*>(staged_h + B * H);  // [4][kSequenceUnits][H]
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
+  const int64_t unit = unit_base + warp;
+
+  // Once for all steps: this block's gate rows of W_hh (zeros past the last unit).
+  const int64_t weight_elements = 4 * kSequenceUnits * H;
+  for (int64_t index = threadIdx.x; index < weight_elements; index += blockDim.x) {
+    const int64_t row = index / H;
+    const int64_t k = index - row * H;
+    const int64_t gate = row / kSequenceUnits;
+    const int64_t row_unit = unit_base + row % kSequenceUnits;
+    resident_weight[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * H + k] : scalar_t(0);
+  }
+
+  for (int64_t s = 0; s < shape.steps; ++s) {
+    const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
+    const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
+    const scalar_t* h_prev = s == 0 ? hx : output + t_prev * B * H;
+    const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
+    // The previous step's grid barrier has ordered every block's h writes before these reads, and
+    // every warp of this block has finished reading the previous staged_h.
+    for (int64_t index = threadIdx.x; index < B * H; index += blockDim.x) {
+      staged_h[index] = static_cast<opmath_t>(h_prev[index]);
+    }
+    __syncthreads();
+    if (unit < H) {
+      for (int64_t row_begin = 0; row_begin < B; row_begin += kSequenceRowTile) {
+        opmath_t accumulators[4][kSequenceRowTile];
+#pragma unroll
+        for (int gate = 0; gate < 4; ++gate) {
+#pragma unroll
+          for (int r = 0; r < kSequenceRowTile; ++r) {
+            accumulators[gate][r] = opmath_t(0);
+          }
+        }
+        for (int64_t k = lane; k < H; k += kWarpSize) {
+          opmath_t w[4];
+#pragma unroll
+          for (int gate = 0; gate < 4; ++gate) {
+            w[gate] = static_cast<opmath_t>(resident_weight[(gate * kSequenceUnits + warp) * H + k]);
+          }
+#pragma unroll
+          for (int r = 0; r < kSequenceRowTile; ++r) {
+            // Rows past the batch read row 0 (any valid row): their sums are never stored.
+            const int64_t row = row_begin + r < B ? row_begin + r : 0;
+            const opmath_t h = staged_h[row * H + k];
+#pragma unroll
+            for (int gate = 0; gate < 4; ++gate) {
+              accumulators[gate][r] += w[gate] * h;
+            }
+          }
+        }
+#pragma unroll
+        for (int gate = 0; gate < 4; ++gate) {
+#pragma unroll
+          for (int r = 0; r < kSequenceRowTile; ++r) {
+#pragma unroll
+            for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+              accumulators[gate][r] += __shfl_xor_sync(0xffffffffu, accumulators[gate][r], offset);
+            }
+          }
+        }
+        // Lane r finishes row row_begin + r: every lane holds every sum after the butterfly.
+#pragma unroll
+        for (int r = 0; r < kSequenceRowTile; ++r) {
+          const int64_t row = row_begin + r;
+          if (lane == r && row < B) {
+            const scalar_t* projected_row = projected + (t * B + row) * 4 * H + unit;
+            opmath_t preactivation[4];
+#pragma unroll
+            for (int gate = 0; gate < 4; ++gate) {
+              preactivation[gate] = accumulators[gate][r] + static_cast<opmath_t>(projected_row[gate * H]);
+            }
+            const int64_t state_offset = row * H + unit;
+            const auto step = math::cell_forward(
+                math::Gates<opmath_t>{preactivation[0], preactivation[1], preactivation[2], preactivation[3]},
+                static_cast<opmath_t>(c_prev[state_offset]));
+            const scalar_t h_new = static_cast<scalar_t>(step.hidden_state);
+            const scalar_t c_new = static_cast<scalar_t>(step.cell_state);
+            output[t * B * H + state_offset] = h_new;
+            cell_states[t * B * H + state_offset] = c_new;
+            if (gates != nullptr) {
+              scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
+              gate_row[0] = static_cast<scalar_t>(step.gates.input);
+              gate_row[H] = static_cast<scalar_t>(step.gates.forget);
+              gate_row[2 * H] = static_cast<scalar_t>(step.gates.cell);
+              gate_row[3 * H] = static_cast<scalar_t>(step.gates.output);
+            }
+            if (s == shape.steps - 1) {
+              hy[state_offset] = h_new;
+              cy[state_offset] = c_new;
+            }
+          }
+        }
+      }
+    }
+    // Publish this step's h and c to the other blocks, and keep this block from restaging
+    // staged_h while one of its warps may still read it.
+    __threadfence();
+    cooperative_groups::this_grid().sync();
+  }
+}
+
+template <typename scalar_t>
+struct SequencePointers {
+  const scalar_t* projected;
+  const scalar_t* weight_hh;
+  const scalar_t* hx;
+  const scalar_t* cx;
+  scalar_t* output;
+  scalar_t* cell_states;
+  scalar_t* gates;  // null when not wanted
+  scalar_t* hy;
+  scalar_t* cy;
+};
+
+// Launches the persistent forward when plan.fits; the caller checked that and falls back otherwise.
+template <typename scalar_t>
+void launch_persistent_sequence(
+    const SequencePointers<scalar_t>& p, const SequenceShape& shape, const SequencePlan& plan, cudaStream_t stream) {
+  const auto kernel = sequence_forward_persistent_kernel<scalar_t>;
+  LSTM_FUSED_LAUNCH_COOPERATIVE(
+      kernel, dim3(static_cast<unsigned int>(plan.blocks)), dim3(kSequenceThreads), plan.shared_bytes, stream,
+      p.projected, p.weight_hh, p.hx, p.cx, p.output, p.cell_states, p.gates, p.hy, p.cy, shape);
 }
 
 }  // namespace cuda

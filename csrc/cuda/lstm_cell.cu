@@ -155,12 +155,134 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cuda(
   return {grad_preactivation, grad_cx};
 }
 
+// How many blocks of the persistent kernel at `shared_bytes` can be alive together on this GPU:
+// cooperative launches need every block co-resident, and SM counts and shared memory differ
+// between GPUs. 0 when the device cannot launch cooperatively or the shared memory exceeds its
+// opt-in limit.
+template <typename scalar_t>
+int64_t persistent_sequence_capacity(size_t shared_bytes, size_t* max_shared_bytes) {
+  const int device = c10::cuda::current_device();
+  int cooperative = 0;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  *max_shared_bytes = static_cast<size_t>(optin);
+  if (cooperative == 0 || shared_bytes > static_cast<size_t>(optin)) {
+    return 0;
+  }
+  const auto kernel = cuda::sequence_forward_persistent_kernel<scalar_t>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  int per_multiprocessor = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_multiprocessor, reinterpret_cast<const void*>(kernel), cuda::kSequenceThreads, shared_bytes));
+  // Every SM but one: headroom for kernels of other streams, which would otherwise hold an SM the
+  // grid barrier waits on.
+  return static_cast<int64_t>(per_multiprocessor) * std::max(1, multiprocessor_count() - 1);
+}
+
+// One layer direction over a padded [T, B, I] sequence (every sequence of full length): one GEMM
+// for the input projection of all steps, then one cooperative launch for the recurrence. Shapes the
+// persistent kernel cannot hold fall back to a GEMM and a pointwise launch per step. Returns output [T, B, H],
+// hy, cy, cell_states [T, B, H], gates [T, B, 4H] (as sequence_forward's, padded layout).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward_persistent_cuda(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse) {
+  TORCH_CHECK(
+      input.dim() == 3 && input.size(0) > 0,
+      "lstm_fused: sequence_forward_persistent's input must be [steps > 0, batch, input_size], got ", input.sizes());
+  check_cell_forward_args(input[0], hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t steps = input.size(0);
+  const int64_t batch = input.size(1);
+  const int64_t input_size = input.size(2);
+  const int64_t hidden_size = weight_hh.size(1);
+  const auto options = input.options();
+  at::Tensor output = new_output({steps, batch, hidden_size}, options);
+  at::Tensor cell_states = new_output({steps, batch, hidden_size}, options);
+  at::Tensor gates = new_output({steps, batch, 4 * hidden_size}, options);
+  at::Tensor hy = new_output({batch, hidden_size}, options);
+  at::Tensor cy = new_output({batch, hidden_size}, options);
+  if (batch == 0 || hidden_size == 0) {
+    return {output, hy, cy, cell_states, gates};
+  }
+  // Both biases ride on the projection, so the kernel adds one term per gate.
+  at::Tensor projected;
+  const at::Tensor rows = input.reshape({steps * batch, input_size});
+  if (bias_ih.has_value() || bias_hh.has_value()) {
+    const at::Tensor bias = bias_ih.has_value() && bias_hh.has_value() ? *bias_ih + *bias_hh
+                                                                       : (bias_ih.has_value() ? *bias_ih : *bias_hh);
+    projected = at::addmm(bias, rows, weight_ih.t());
+  } else {
+    projected = at::mm(rows, weight_ih.t());
+  }
+  projected = projected.contiguous();
+
+  bool launched = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_sequence_persistent", [&] {
+    size_t max_shared = 0;
+    const size_t wanted = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, SIZE_MAX, INT64_MAX).shared_bytes;
+    const int64_t capacity = persistent_sequence_capacity<scalar_t>(wanted, &max_shared);
+    const cuda::SequencePlan plan = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, max_shared, capacity);
+    if (!plan.fits) {
+      return;
+    }
+    const at::Tensor w_hh = weight_hh.contiguous();
+    const at::Tensor h0 = hx.contiguous();
+    const at::Tensor c0 = cx.contiguous();
+    const cuda::SequencePointers<scalar_t> pointers{
+        projected.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+        c0.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), cell_states.mutable_data_ptr<scalar_t>(),
+        gates.mutable_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>()};
+    cuda::launch_persistent_sequence<scalar_t>(
+        pointers, cuda::SequenceShape{steps, batch, hidden_size, reverse}, plan, at::cuda::getCurrentCUDAStream());
+    launched = true;
+  });
+  if (launched) {
+    return {output, hy, cy, cell_states, gates};
+  }
+  // Fallback: per step one GEMM into that step's gates (projection + h W_hh^T) and the pointwise
+  // kernel, writing h and c straight into the step's rows of output and cell_states.
+  at::Tensor h = hx;
+  at::Tensor c = cx;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = reverse ? steps - 1 - s : s;
+    at::Tensor step_gates = gates[t];
+    at::addmm_out(step_gates, projected.narrow(0, t * batch, batch), h, weight_hh.t());
+    at::Tensor h_t = output[t];
+    at::Tensor c_t = cell_states[t];
+    cell_pointwise_cuda(step_gates, c, std::nullopt, h_t, c_t);
+    h = h_t;
+    c = c_t;
+  }
+  hy.copy_(h);
+  cy.copy_(c);
+  return {output, hy, cy, cell_states, gates};
+}
+
 }  // namespace
+
+// Registered here, with the CUDA build only: the persistent kernel has no CPU counterpart yet, and
+// lf.LSTM does not call it yet (wiring it needs csrc/sequence.cpp).
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def(
+      "sequence_forward_persistent(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, bool reverse) -> "
+      "(Tensor output, Tensor hy, Tensor cy, Tensor cell_states, Tensor gates)");
+}
 
 TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("cell_forward", &cell_forward_cuda);
   m.impl("cell_pointwise_", &cell_pointwise_cuda);
   m.impl("cell_gate_grads", &cell_gate_grads_cuda);
+  m.impl("sequence_forward_persistent", &sequence_forward_persistent_cuda);
 }
 
 }  // namespace lstm_fused

@@ -324,7 +324,11 @@ inline void run_block(const Launch& launch, dim3 block_idx) {
   }
 }
 
-inline void check_launch(dim3 grid, dim3 block_dim, size_t shared_bytes) {
+// 48 KiB of dynamic shared memory without an opt-in; 227 KiB (sm_90's opt-in maximum) with one.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr size_t kOptInSharedBytes = 227 * 1024;
+
+inline void check_launch(dim3 grid, dim3 block_dim, size_t shared_bytes, size_t shared_limit = kDefaultSharedBytes) {
   const uint64_t threads = uint64_t(block_dim.x) * block_dim.y * block_dim.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0) {
     fail("invalid configuration: a zero-size grid or block (CUDA rejects the launch)");
@@ -332,8 +336,9 @@ inline void check_launch(dim3 grid, dim3 block_dim, size_t shared_bytes) {
   if (threads > 1024 || block_dim.z > 64 || grid.y > 65535 || grid.z > 65535) {
     fail("invalid configuration: block of " + std::to_string(threads) + " threads or grid beyond CUDA's limits");
   }
-  if (shared_bytes > 48 * 1024) {
-    fail("dynamic shared memory of " + std::to_string(shared_bytes) + " bytes needs an opt-in above 48 KiB");
+  if (shared_bytes > shared_limit) {
+    fail("dynamic shared memory of " + std::to_string(shared_bytes) + " bytes is over the limit of " +
+         std::to_string(shared_limit) + " (48 KiB without an opt-in, the launch would fail)");
   }
 }
 
@@ -356,8 +361,10 @@ inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::fu
 
 // cudaLaunchCooperativeKernel: every block alive at once, each on its own OS thread, so that a
 // grid-wide barrier can complete.
+// The caller is assumed to have opted in to more shared memory (cudaFuncSetAttribute), as the
+// persistent kernel's launch does.
 inline void launch_cooperative(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::function<void()>& body) {
-  check_launch(grid, block_dim, shared_bytes);
+  check_launch(grid, block_dim, shared_bytes, kOptInSharedBytes);
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   if (blocks > kMaxCooperativeBlocks) {
     fail("cooperative launch of " + std::to_string(blocks) + " blocks: the emulation holds at most " +

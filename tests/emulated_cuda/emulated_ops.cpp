@@ -168,6 +168,58 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> plan_fused_forward(
           static_cast<int64_t>(plan.shared_bytes)};
 }
 
+// The persistent sequence forward over a padded [T, B, I] input, as lstm_cell.cu's
+// sequence_forward_persistent launches it; co-residency as the emulation allows (at most
+// kMaxCooperativeBlocks blocks, 227 KiB of shared memory each). Returns output, hy, cy,
+// cell_states, gates and whether the persistent kernel ran (false: the shape does not fit).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> sequence_forward_persistent(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse,
+    bool write_gates) {
+  const int64_t steps = input.size(0);
+  const int64_t batch = input.size(1);
+  const int64_t hidden_size = weight_hh.size(1);
+  at::Tensor projected = at::matmul(input, weight_ih.t());
+  for (const auto& bias : {bias_ih, bias_hh}) {
+    if (bias.has_value()) {
+      projected = projected + *bias;
+    }
+  }
+  projected = projected.contiguous();
+  const auto options = input.options();
+  at::Tensor output = poisoned({steps, batch, hidden_size}, options);
+  at::Tensor cell_states = poisoned({steps, batch, hidden_size}, options);
+  at::Tensor gates = poisoned({steps, batch, 4 * hidden_size}, options);
+  at::Tensor hy = poisoned({batch, hidden_size}, options);
+  at::Tensor cy = poisoned({batch, hidden_size}, options);
+  bool ran = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_sequence", [&] {
+    const kernels::SequencePlan plan = kernels::plan_persistent_sequence<scalar_t>(
+        batch, hidden_size, cuda_emulation::kOptInSharedBytes, cuda_emulation::kMaxCooperativeBlocks);
+    if (!plan.fits || steps == 0) {
+      return;
+    }
+    const at::Tensor w_hh = weight_hh.contiguous();
+    const at::Tensor h0 = hx.contiguous();
+    const at::Tensor c0 = cx.contiguous();
+    const kernels::SequencePointers<scalar_t> pointers{
+        projected.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
+        c0.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), cell_states.mutable_data_ptr<scalar_t>(),
+        write_gates ? gates.mutable_data_ptr<scalar_t>() : nullptr, hy.mutable_data_ptr<scalar_t>(),
+        cy.mutable_data_ptr<scalar_t>()};
+    kernels::launch_persistent_sequence<scalar_t>(
+        pointers, kernels::SequenceShape{steps, batch, hidden_size, reverse}, plan, nullptr);
+    ran = true;
+  });
+  return {output, hy, cy, cell_states, gates, ran};
+}
+
 // Checks of the emulation itself, each with a kernel of selftest_kernels.cuh.
 at::Tensor selftest(const std::string& name, int64_t blocks, int64_t threads) {
   const dim3 grid(static_cast<unsigned int>(blocks));
@@ -236,6 +288,10 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       "plan_fused_forward(int batch, int input_size, int hidden_size, ScalarType dtype, int multiprocessors) -> "
       "(int, int, int, int, int)",
       &plan_fused_forward);
+  m.def(
+      "sequence_forward_persistent(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool write_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)",
+      &sequence_forward_persistent);
   m.def("selftest(str name, int blocks, int threads) -> Tensor", &selftest);
 }
 
