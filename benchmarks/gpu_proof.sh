@@ -218,6 +218,15 @@ for batch, steps, hidden, dtype_name in seq_cases:
 
         ms = timed(run, 2, seq_repeats)
         rows.append(dict(part="sequence", impl="persistent", dtype=dtype_name, batch=batch, hidden=hidden, T=steps, kind="forward", ms=ms))
+
+        def run_training():
+            out, hy, cy, cell_states, gates = torch.ops.lstm_fused.sequence_forward_persistent(
+                x.detach(), zeros, zeros, *weights, False)
+            torch.ops.lstm_fused.sequence_backward_persistent(
+                torch.ones_like(out), None, None, x.detach(), zeros, zeros, weights[0], weights[1], out, cell_states, gates, False)
+
+        ms = timed(run_training, 2, seq_repeats)
+        rows.append(dict(part="sequence", impl="persistent", dtype=dtype_name, batch=batch, hidden=hidden, T=steps, kind="forward+backward", ms=ms))
     print(f"sequence {dtype_name} B={batch} T={steps} H={hidden} done", flush=True)
 
 with open(f"{out_dir}/benchmark.json", "w") as f:

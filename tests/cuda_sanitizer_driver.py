@@ -115,13 +115,26 @@ def sequence_case(steps, batch, input_size, hidden_size, dtype, reverse):
     x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
     h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
     c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    output, hy, cy, _, _ = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    grad_output, grad_hy, grad_cy = torch.randn_like(output), torch.randn_like(hy), torch.randn_like(cy)
+    grads = ops.sequence_backward_persistent(
+        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
+    )
     xr = x.double().flip(0) if reverse else x.double()
     with torch.no_grad():
         expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
     if reverse:
         expected = expected.flip(0)
+    leaves = [t.detach().double().requires_grad_() for t in (x, h0, c0)]
+    xr_leaf = leaves[0].flip(0) if reverse else leaves[0]
+    out, (hn, cn) = lstm(xr_leaf, (leaves[1][None], leaves[2][None]))
+    if reverse:
+        out = out.flip(0)
+    loss = (out * grad_output.double()).sum() + (hn[0] * grad_hy.double()).sum() + (cn[0] * grad_cy.double()).sum()
+    expected_grads = torch.autograd.grad(loss, leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
     name = f"sequence_forward_persistent {dtype} T={steps} batch={batch} hidden={hidden_size} reverse={reverse}"
+    for label, actual, wanted in zip(["input", "hx", "cx", "weight_ih", "weight_hh", "bias"], grads, expected_grads):
+        check(f"{name} grad {label}", actual, wanted, dtype)
     check(f"{name} output", output, expected, dtype)
     check(f"{name} h_n", hy, expected_h[0], dtype)
     check(f"{name} c_n", cy, expected_c[0], dtype)
@@ -152,7 +165,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     TOLERANCE[torch.float32] = 1e-4
     if DEVICE.startswith("cuda") and hasattr(ops, "sequence_forward_persistent"):
-        # The persistent sequence kernel: one block, several blocks, reverse, and a fallback shape.
+        # The persistent sequence kernels, forward and backward: one block, several blocks,
+        # reverse, and a fallback shape.
         for steps, batch, hidden_size, reverse in [(3, 2, 5, False), (4, 5, 40, True), (2, 2, 4096, False)]:
             for dtype in (torch.float32, torch.bfloat16):
                 sequence_case(steps, batch, 7, hidden_size, dtype, reverse)

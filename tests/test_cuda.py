@@ -601,3 +601,33 @@ def test_sequence_forward_persistent_against_nn_lstm(dtype, steps, batch, input_
     last = 0 if reverse else steps - 1
     assert_close(cell_states[last], expected_c[0], tolerance, "cell state of the last step")
     assert torch.isfinite(gates).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden_size",
+    # 4096 hidden units: W_hh's columns do not fit in shared memory, the op falls back per step.
+    [(5, 3, 7, 33), (4, 16, 256, 768), (3, 2, 16, 4096)],
+)
+def test_sequence_backward_persistent_against_autograd(steps, batch, input_size, hidden_size, reverse):
+    dtype = torch.float64
+    lstm = nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=dtype)
+    weights = [p.detach() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
+    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    grad_output = torch.randn_like(output)
+    grad_hy, grad_cy = torch.randn_like(hy), torch.randn_like(cy)
+    grads = ops.sequence_backward_persistent(
+        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
+    )
+    leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    xr = leaves[0].flip(0) if reverse else leaves[0]
+    out, (hn, cn) = lstm(xr, (leaves[1][None], leaves[2][None]))
+    if reverse:
+        out = out.flip(0)
+    loss = (out * grad_output).sum() + (hn[0] * grad_hy).sum() + (cn[0] * grad_cy).sum()
+    expected = torch.autograd.grad(loss, leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
+    for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected):
+        assert_close(actual, wanted, 1e-10, f"grad of {name}")

@@ -464,3 +464,40 @@ def test_persistent_sequence_refuses_a_grid_that_cannot_be_resident(emu):
     _, x, h0, c0, weights = lstm_case(2, 1, 3, 8 * 65, torch.float32)
     *_, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, False, True)
     assert not ran
+
+
+@pytest.mark.parametrize("upstream", ["all", "output_only", "final_only"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size", [(1, 1, 3, 1), (4, 3, 7, 5), (3, 6, 5, 20), (2, 5, 4, 70)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_persistent_backward_through_time_against_nn_lstm(emu, dtype, steps, batch, input_size, hidden_size, reverse, upstream):
+    # The forward and backward persistent kernels against autograd through nn.LSTM: every gradient
+    # (input, h_0, c_0, both weights, the bias), with the upstream gradients on the outputs, on the
+    # final states, or on both.
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
+    output, hy, cy, cell_states, gates, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, reverse, True)
+    assert ran
+    grad_output = nonzero_randn(steps, batch, hidden_size, dtype=dtype) if upstream != "final_only" else None
+    grad_hy = nonzero_randn(batch, hidden_size, dtype=dtype) if upstream != "output_only" else None
+    grad_cy = nonzero_randn(batch, hidden_size, dtype=dtype) if upstream != "output_only" else None
+    *grads, ran = emu.sequence_backward_persistent(
+        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
+    )
+    assert ran
+    leaves = [t.double().requires_grad_() for t in (x, h0, c0)]
+    xr = leaves[0].flip(0) if reverse else leaves[0]
+    out, (hn, cn) = lstm(xr, (leaves[1][None], leaves[2][None]))
+    if reverse:
+        out = out.flip(0)
+    terms = []
+    if grad_output is not None:
+        terms.append((out * grad_output.double()).sum())
+    if grad_hy is not None:
+        terms.append((hn[0] * grad_hy.double()).sum() + (cn[0] * grad_cy.double()).sum())
+    expected = torch.autograd.grad(
+        sum(terms), leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0], allow_unused=True
+    )
+    tolerance = {torch.float64: 1e-11, torch.float32: 1e-4}[dtype]
+    for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected):
+        error = relative_error(actual, wanted)
+        assert error <= tolerance, f"grad of {name}: relative error {error:.2e} > {tolerance:.0e}"

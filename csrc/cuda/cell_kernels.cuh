@@ -1016,5 +1016,159 @@ void launch_persistent_sequence(
       p.projected, p.weight_hh, p.hx, p.cx, p.output, p.cell_states, p.gates, p.hy, p.cy, shape);
 }
 
+// ------------------------------------------------------------------------------------------------
+// Persistent backward through time: the recurrence of the gradients, one cooperative launch
+// ------------------------------------------------------------------------------------------------
+//
+// Visits the steps in the reverse of the forward's order. At each step a block computes, for its
+// units u and every row b, the gradient reaching h_t: grad_output[t] (+ grad_hy at the forward's
+// last step) + sum over the 4H gate rows j of dG_{next}[b, j] W_hh[j, u], where dG_{next} holds the
+// gate pre-activation gradients of the step visited just before (the forward's next step); then
+// the cell's backward (lstm_cell_math.h) gives dG_t and the gradient reaching c_{t-1}. Each block
+// keeps the columns W_hh[:, u] of its units resident in shared memory; dG_{next} is read from
+// global memory (every block needs all of it, and at [B, 4H] it is too large to stage), hence a
+// grid barrier per step. The products that need no recurrence (grad_input, the weight and bias
+// gradients, grad_hx = dG_first W_hh) are GEMMs for the caller, after the launch.
+
+template <typename scalar_t>
+SequencePlan plan_persistent_sequence_backward(int64_t hidden_size, size_t max_shared_bytes, int64_t max_blocks) {
+  SequencePlan plan;
+  plan.blocks = ceil_div(hidden_size, kSequenceUnits);
+  plan.shared_bytes = static_cast<size_t>(4 * hidden_size * kSequenceUnits) * sizeof(scalar_t);
+  plan.fits = hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
+  return plan;
+}
+
+// grad_preactivation and grad_cell_carry are written by one block and read by all (the former) or
+// by the same thread at the next step (the latter): no __restrict__ or const on them, so their
+// reads never go through the non-coherent read-only cache.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSequenceThreads) sequence_backward_persistent_kernel(
+    const scalar_t* __restrict__ grad_output,  // [T, B, H] or null
+    const scalar_t* __restrict__ grad_hy,      // [B, H] or null
+    const scalar_t* __restrict__ grad_cy,      // [B, H] or null
+    const scalar_t* __restrict__ weight_hh,    // [4H, H]
+    const scalar_t* __restrict__ cx,           // [B, H]: c before the forward's first step
+    const scalar_t* __restrict__ cell_states,  // [T, B, H]
+    const scalar_t* __restrict__ gates,        // [T, B, 4H], activated
+    scalar_t* grad_preactivation,              // [T, B, 4H] out
+    scalar_t* grad_cell_carry,                 // [B, H]: out, the gradient reaching c_0 at the end
+    const SequenceShape shape) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t B = shape.batch;
+  const int64_t H = shape.hidden_size;
+  LSTM_FUSED_DYNAMIC_SHARED(scalar_t, resident_columns);  // [4H][kSequenceUnits]: W_hh[j, unit_base + u]
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
+  const int64_t unit = unit_base + warp;
+
+  for (int64_t index = threadIdx.x; index < 4 * H * kSequenceUnits; index += blockDim.x) {
+    const int64_t j = index / kSequenceUnits;
+    const int64_t column_unit = unit_base + index % kSequenceUnits;
+    resident_columns[index] = column_unit < H ? weight_hh[j * H + column_unit] : scalar_t(0);
+  }
+  __syncthreads();
+
+  for (int64_t s = shape.steps - 1; s >= 0; --s) {
+    const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
+    const int64_t t_next = shape.reverse ? t - 1 : t + 1;     // visited by the forward after t
+    const int64_t t_prev = shape.reverse ? t + 1 : t - 1;     // visited by the forward before t
+    const bool forward_last = s == shape.steps - 1;
+    const scalar_t* grad_next = forward_last ? nullptr : grad_preactivation + t_next * B * 4 * H;
+    if (unit < H) {
+      for (int64_t row_begin = 0; row_begin < B; row_begin += kSequenceRowTile) {
+        opmath_t recurrent[kSequenceRowTile];
+#pragma unroll
+        for (int r = 0; r < kSequenceRowTile; ++r) {
+          recurrent[r] = opmath_t(0);
+        }
+        if (grad_next != nullptr) {
+          for (int64_t j = lane; j < 4 * H; j += kWarpSize) {
+            const opmath_t w = static_cast<opmath_t>(resident_columns[j * kSequenceUnits + warp]);
+#pragma unroll
+            for (int r = 0; r < kSequenceRowTile; ++r) {
+              const int64_t row = row_begin + r < B ? row_begin + r : 0;
+              recurrent[r] += static_cast<opmath_t>(grad_next[row * 4 * H + j]) * w;
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kSequenceRowTile; ++r) {
+#pragma unroll
+          for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+            recurrent[r] += __shfl_xor_sync(0xffffffffu, recurrent[r], offset);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kSequenceRowTile; ++r) {
+          const int64_t row = row_begin + r;
+          if (lane == r && row < B) {
+            const int64_t state_offset = row * H + unit;
+            opmath_t grad_h = recurrent[r];
+            if (grad_output != nullptr) {
+              grad_h += static_cast<opmath_t>(grad_output[t * B * H + state_offset]);
+            }
+            opmath_t grad_c = opmath_t(0);
+            if (forward_last) {
+              if (grad_hy != nullptr) {
+                grad_h += static_cast<opmath_t>(grad_hy[state_offset]);
+              }
+              if (grad_cy != nullptr) {
+                grad_c = static_cast<opmath_t>(grad_cy[state_offset]);
+              }
+            } else {
+              grad_c = static_cast<opmath_t>(grad_cell_carry[state_offset]);
+            }
+            const scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
+            const math::Gates<opmath_t> activated{
+                static_cast<opmath_t>(gate_row[0]), static_cast<opmath_t>(gate_row[H]),
+                static_cast<opmath_t>(gate_row[2 * H]), static_cast<opmath_t>(gate_row[3 * H])};
+            const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
+            const auto grads = math::cell_backward(
+                activated, static_cast<opmath_t>(c_prev[state_offset]),
+                static_cast<opmath_t>(cell_states[t * B * H + state_offset]), grad_h, grad_c,
+                math::Gates<opmath_t>{opmath_t(0), opmath_t(0), opmath_t(0), opmath_t(0)});
+            scalar_t* out_row = grad_preactivation + (t * B + row) * 4 * H + unit;
+            out_row[0] = static_cast<scalar_t>(grads.grad_preactivation.input);
+            out_row[H] = static_cast<scalar_t>(grads.grad_preactivation.forget);
+            out_row[2 * H] = static_cast<scalar_t>(grads.grad_preactivation.cell);
+            out_row[3 * H] = static_cast<scalar_t>(grads.grad_preactivation.output);
+            grad_cell_carry[state_offset] = static_cast<scalar_t>(grads.grad_cell_state_prev);
+          }
+        }
+      }
+    }
+    // dG_t complete in every block before any block reads it as the next visit's dG_next.
+    __threadfence();
+    cooperative_groups::this_grid().sync();
+  }
+}
+
+template <typename scalar_t>
+struct SequenceBackwardPointers {
+  const scalar_t* grad_output;  // null when absent
+  const scalar_t* grad_hy;
+  const scalar_t* grad_cy;
+  const scalar_t* weight_hh;
+  const scalar_t* cx;
+  const scalar_t* cell_states;
+  const scalar_t* gates;
+  scalar_t* grad_preactivation;
+  scalar_t* grad_cell_carry;
+};
+
+template <typename scalar_t>
+void launch_persistent_sequence_backward(
+    const SequenceBackwardPointers<scalar_t>& p, const SequenceShape& shape, const SequencePlan& plan,
+    cudaStream_t stream) {
+  const auto kernel = sequence_backward_persistent_kernel<scalar_t>;
+  LSTM_FUSED_LAUNCH_COOPERATIVE(
+      kernel, dim3(static_cast<unsigned int>(plan.blocks)), dim3(kSequenceThreads), plan.shared_bytes, stream,
+      p.grad_output, p.grad_hy, p.grad_cy, p.weight_hh, p.cx, p.cell_states, p.gates, p.grad_preactivation,
+      p.grad_cell_carry, shape);
+}
+
 }  // namespace cuda
 }  // namespace lstm_fused

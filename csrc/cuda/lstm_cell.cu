@@ -10,6 +10,7 @@
 
 #include "../ops.h"
 #include "cell_kernels.cuh"
+#include "sequence_host.h"
 
 namespace lstm_fused {
 namespace {
@@ -159,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads_cuda(
 // cooperative launches need every block co-resident, and SM counts and shared memory differ
 // between GPUs. 0 when the device cannot launch cooperatively or the shared memory exceeds its
 // opt-in limit.
-template <typename scalar_t>
-int64_t persistent_sequence_capacity(size_t shared_bytes, size_t* max_shared_bytes) {
+template <typename Kernel>
+int64_t cooperative_capacity(Kernel kernel, size_t shared_bytes, size_t* max_shared_bytes) {
   const int device = c10::cuda::current_device();
   int cooperative = 0;
   int optin = 0;
@@ -170,7 +171,6 @@ int64_t persistent_sequence_capacity(size_t shared_bytes, size_t* max_shared_byt
   if (cooperative == 0 || shared_bytes > static_cast<size_t>(optin)) {
     return 0;
   }
-  const auto kernel = cuda::sequence_forward_persistent_kernel<scalar_t>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(
       reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
   int per_multiprocessor = 0;
@@ -213,23 +213,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   if (batch == 0 || hidden_size == 0) {
     return {output, hy, cy, cell_states, gates};
   }
-  // Both biases ride on the projection, so the kernel adds one term per gate.
-  at::Tensor projected;
-  const at::Tensor rows = input.reshape({steps * batch, input_size});
-  if (bias_ih.has_value() || bias_hh.has_value()) {
-    const at::Tensor bias = bias_ih.has_value() && bias_hh.has_value() ? *bias_ih + *bias_hh
-                                                                       : (bias_ih.has_value() ? *bias_ih : *bias_hh);
-    projected = at::addmm(bias, rows, weight_ih.t());
-  } else {
-    projected = at::mm(rows, weight_ih.t());
-  }
-  projected = projected.contiguous();
+  const at::Tensor projected = cuda::project_inputs(input, weight_ih, bias_ih, bias_hh);
 
   bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_sequence_persistent", [&] {
     size_t max_shared = 0;
     const size_t wanted = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, SIZE_MAX, INT64_MAX).shared_bytes;
-    const int64_t capacity = persistent_sequence_capacity<scalar_t>(wanted, &max_shared);
+    const int64_t capacity =
+        cooperative_capacity(cuda::sequence_forward_persistent_kernel<scalar_t>, wanted, &max_shared);
     const cuda::SequencePlan plan = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, max_shared, capacity);
     if (!plan.fits) {
       return;
@@ -255,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = reverse ? steps - 1 - s : s;
     at::Tensor step_gates = gates[t];
-    at::addmm_out(step_gates, projected.narrow(0, t * batch, batch), h, weight_hh.t());
+    at::addmm_out(step_gates, projected[t], h, weight_hh.t());
     at::Tensor h_t = output[t];
     at::Tensor c_t = cell_states[t];
     cell_pointwise_cuda(step_gates, c, std::nullopt, h_t, c_t);
@@ -267,15 +258,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   return {output, hy, cy, cell_states, gates};
 }
 
+// Backpropagation through time for sequence_forward_persistent: the recurrence of the gradients in
+// one cooperative launch, then the library products that need none (sequence_host.h). Shapes the
+// persistent kernel cannot hold fall back to a pointwise launch and a GEMM per step.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_backward_persistent_cuda(
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const at::Tensor& output,
+    const at::Tensor& cell_states,
+    const at::Tensor& gates,
+    bool reverse) {
+  TORCH_CHECK(
+      input.dim() == 3 && input.size(0) > 0,
+      "lstm_fused: sequence_backward_persistent's input must be [steps > 0, batch, input_size], got ", input.sizes());
+  check_cell_forward_args(input[0], hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
+  const int64_t steps = input.size(0);
+  const int64_t batch = input.size(1);
+  const int64_t hidden_size = weight_hh.size(1);
+  for (const auto& [t, name, width] : {std::tuple<const at::Tensor&, const char*, int64_t>{output, "output", hidden_size},
+                                       {cell_states, "cell_states", hidden_size},
+                                       {gates, "gates", 4 * hidden_size}}) {
+    TORCH_CHECK(
+        t.sizes() == at::IntArrayRef({steps, batch, width}) && t.device() == input.device() &&
+            t.scalar_type() == input.scalar_type(),
+        "lstm_fused: ", name, " must be the forward's [", steps, ", ", batch, ", ", width, "] ", input.scalar_type(),
+        " tensor on ", input.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  }
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto options = input.options();
+  at::Tensor grad_preactivation = new_output({steps, batch, 4 * hidden_size}, options);
+  at::Tensor grad_cx = new_output({batch, hidden_size}, options);
+  if (batch == 0 || hidden_size == 0) {
+    grad_preactivation.zero_();
+    grad_cx.zero_();
+  } else {
+    const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);
+    const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy);
+    const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
+    const at::Tensor cx_c = cx.contiguous();
+    const at::Tensor cell_states_c = cell_states.contiguous();
+    const at::Tensor gates_c = gates.contiguous();
+    bool launched = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_sequence_backward", [&] {
+      size_t max_shared = 0;
+      const size_t wanted = cuda::plan_persistent_sequence_backward<scalar_t>(hidden_size, SIZE_MAX, INT64_MAX).shared_bytes;
+      const int64_t capacity =
+          cooperative_capacity(cuda::sequence_backward_persistent_kernel<scalar_t>, wanted, &max_shared);
+      const cuda::SequencePlan plan = cuda::plan_persistent_sequence_backward<scalar_t>(hidden_size, max_shared, capacity);
+      if (!plan.fits) {
+        return;
+      }
+      const at::Tensor w_hh = weight_hh.contiguous();
+      const cuda::SequenceBackwardPointers<scalar_t> pointers{
+          data_or_null<scalar_t>(grad_output_c), data_or_null<scalar_t>(grad_hy_c), data_or_null<scalar_t>(grad_cy_c),
+          w_hh.const_data_ptr<scalar_t>(), cx_c.const_data_ptr<scalar_t>(), cell_states_c.const_data_ptr<scalar_t>(),
+          gates_c.const_data_ptr<scalar_t>(), grad_preactivation.mutable_data_ptr<scalar_t>(),
+          grad_cx.mutable_data_ptr<scalar_t>()};
+      cuda::launch_persistent_sequence_backward<scalar_t>(
+          pointers, cuda::SequenceShape{steps, batch, hidden_size, reverse}, plan, at::cuda::getCurrentCUDAStream());
+      launched = true;
+    });
+    if (!launched) {
+      // Per step, in the reverse of the forward's order: the gradient reaching h_t (from the
+      // outputs, the final state, and the step after through W_hh), then the pointwise backward.
+      at::Tensor recurrent = at::zeros({batch, hidden_size}, options);
+      at::Tensor grad_c = grad_cy_c.defined() ? grad_cy_c : at::zeros({batch, hidden_size}, options);
+      for (int64_t s = steps - 1; s >= 0; --s) {
+        const int64_t t = reverse ? steps - 1 - s : s;
+        const int64_t t_prev = reverse ? t + 1 : t - 1;
+        at::Tensor grad_h = recurrent;
+        if (grad_output_c.defined()) {
+          grad_h = grad_h + grad_output_c[t];
+        }
+        if (s == steps - 1 && grad_hy_c.defined()) {
+          grad_h = grad_h + grad_hy_c;
+        }
+        const at::Tensor c_prev = s == 0 ? cx_c : cell_states_c[t_prev];
+        auto [step_grads, grad_c_prev] =
+            cell_gate_grads_cuda(grad_h, grad_c, std::nullopt, c_prev, cell_states_c[t], gates_c[t]);
+        grad_preactivation[t].copy_(step_grads);
+        grad_c = grad_c_prev;
+        recurrent = at::mm(step_grads, weight_hh);
+      }
+      grad_cx.copy_(grad_c);
+    }
+  }
+  const cuda::SequenceGrads grads =
+      cuda::sequence_products(grad_preactivation, input, hx, output, weight_ih, weight_hh, reverse);
+  return {grads.input, grads.hx, grad_cx, grads.weight_ih, grads.weight_hh, grads.bias};
+}
+
 }  // namespace
 
 // Registered here, with the CUDA build only: the persistent kernel has no CPU counterpart yet, and
-// lf.LSTM does not call it yet (wiring it needs csrc/sequence.cpp).
+// lf.LSTM does not call them yet (wiring them needs csrc/sequence.cpp and csrc/autograd.cpp).
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def(
       "sequence_forward_persistent(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, bool reverse) -> "
       "(Tensor output, Tensor hy, Tensor cy, Tensor cell_states, Tensor gates)");
+  m.def(
+      "sequence_backward_persistent(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, "
+      "Tensor cx, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
@@ -283,6 +376,7 @@ TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("cell_pointwise_", &cell_pointwise_cuda);
   m.impl("cell_gate_grads", &cell_gate_grads_cuda);
   m.impl("sequence_forward_persistent", &sequence_forward_persistent_cuda);
+  m.impl("sequence_backward_persistent", &sequence_backward_persistent_cuda);
 }
 
 }  // namespace lstm_fused

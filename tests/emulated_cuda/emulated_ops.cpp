@@ -13,6 +13,7 @@
 #include "selftest_kernels.cuh"
 // After the emulation, which defines the builtins it uses.
 #include "cuda/cell_kernels.cuh"
+#include "cuda/sequence_host.h"
 
 namespace lstm_fused_emulated {
 namespace {
@@ -185,13 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> seq
   const int64_t steps = input.size(0);
   const int64_t batch = input.size(1);
   const int64_t hidden_size = weight_hh.size(1);
-  at::Tensor projected = at::matmul(input, weight_ih.t());
-  for (const auto& bias : {bias_ih, bias_hh}) {
-    if (bias.has_value()) {
-      projected = projected + *bias;
-    }
-  }
-  projected = projected.contiguous();
+  const at::Tensor projected = kernels::project_inputs(input, weight_ih, bias_ih, bias_hh);
   const auto options = input.options();
   at::Tensor output = poisoned({steps, batch, hidden_size}, options);
   at::Tensor cell_states = poisoned({steps, batch, hidden_size}, options);
@@ -218,6 +213,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> seq
     ran = true;
   });
   return {output, hy, cy, cell_states, gates, ran};
+}
+
+// Backpropagation through time with the persistent backward kernel, from the forward's saved
+// output, cell_states and gates. Returns grad_input, grad_hx, grad_cx, grad_weight_ih,
+// grad_weight_hh, grad_bias and whether the persistent kernel ran.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> sequence_backward_persistent(
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const at::Tensor& output,
+    const at::Tensor& cell_states,
+    const at::Tensor& gates,
+    bool reverse) {
+  const int64_t steps = input.size(0);
+  const int64_t batch = input.size(1);
+  const int64_t hidden_size = weight_hh.size(1);
+  const auto options = input.options();
+  at::Tensor grad_preactivation = poisoned({steps, batch, 4 * hidden_size}, options);
+  at::Tensor grad_cx = poisoned({batch, hidden_size}, options);
+  const at::Tensor go = optional_dense(grad_output);
+  const at::Tensor gh = optional_dense(grad_hy);
+  const at::Tensor gc = optional_dense(grad_cy);
+  bool ran = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_sequence_backward", [&] {
+    const kernels::SequencePlan plan = kernels::plan_persistent_sequence_backward<scalar_t>(
+        hidden_size, cuda_emulation::kOptInSharedBytes, cuda_emulation::kMaxCooperativeBlocks);
+    if (!plan.fits || steps == 0 || batch == 0) {
+      return;
+    }
+    const at::Tensor w_hh = weight_hh.contiguous();
+    const kernels::SequenceBackwardPointers<scalar_t> pointers{
+        data_or_null<scalar_t>(go), data_or_null<scalar_t>(gh), data_or_null<scalar_t>(gc),
+        w_hh.const_data_ptr<scalar_t>(), cx.contiguous().const_data_ptr<scalar_t>(),
+        cell_states.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
+        grad_preactivation.mutable_data_ptr<scalar_t>(), grad_cx.mutable_data_ptr<scalar_t>()};
+    kernels::launch_persistent_sequence_backward<scalar_t>(
+        pointers, kernels::SequenceShape{steps, batch, hidden_size, reverse}, plan, nullptr);
+    ran = true;
+  });
+  if (!ran) {
+    return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), false};
+  }
+  const kernels::SequenceGrads grads =
+      kernels::sequence_products(grad_preactivation, input, hx, output, weight_ih, weight_hh, reverse);
+  return {grads.input, grads.hx, grad_cx, grads.weight_ih, grads.weight_hh, grads.bias, true};
 }
 
 // Checks of the emulation itself, each with a kernel of selftest_kernels.cuh.
@@ -292,6 +337,11 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       "sequence_forward_persistent(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool write_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)",
       &sequence_forward_persistent);
+  m.def(
+      "sequence_backward_persistent(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, "
+      "Tensor cx, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool)",
+      &sequence_backward_persistent);
   m.def("selftest(str name, int blocks, int threads) -> Tensor", &selftest);
 }
 
