@@ -106,11 +106,10 @@ fi
 # 3. The sanitizers, each over the driver's small shapes.
 DRIVER="$ROOT/tests/cuda_sanitizer_driver.py"
 if [[ $DRY_RUN == 1 ]]; then
-  run_part sanitizer-driver-cpu 120 bash -c 'cd "$1" && python "$2" cpu' _ "$WORK" "$DRIVER"
+  run_part sanitizer-driver-cpu 120 env -C "$WORK" python "$DRIVER" cpu
 else
   for tool in memcheck racecheck synccheck; do
-    run_part "sanitizer-$tool" 60 bash -c 'cd "$1" && compute-sanitizer --tool "$2" --error-exitcode 2 python "$3"' \
-      _ "$WORK" "$tool" "$DRIVER"
+    run_part "sanitizer-$tool" 60 env -C "$WORK" compute-sanitizer --tool "$tool" --error-exitcode 2 python "$DRIVER"
   done
 fi
 
@@ -243,7 +242,7 @@ with open(f"{out_dir}/benchmark.md", "w") as f:
         f.write(f"| {part} | {dtype_name} | {batch} | {steps} | {hidden} | {kind} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f}x | {persistent} |\n")
 print(open(f"{out_dir}/benchmark.md").read())
 PYTHON
-run_part benchmark 120 bash -c 'cd "$1" && python bench.py "$2" "$3"' _ "$WORK" "$DEVICE" "$OUT"
+run_part benchmark 120 env -C "$WORK" python bench.py "$DEVICE" "$OUT"
 
 if [[ $FAILED == 0 ]]; then
   status "done: every part passed in $((SECONDS - STARTED))s; tables in $OUT/benchmark.md"

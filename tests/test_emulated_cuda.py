@@ -501,3 +501,28 @@ def test_persistent_backward_through_time_against_nn_lstm(emu, dtype, steps, bat
     for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected):
         error = relative_error(actual, wanted)
         assert error <= tolerance, f"grad of {name}: relative error {error:.2e} > {tolerance:.0e}"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden_size",
+    # Hidden sizes that are multiples of 16 take the tensor-core kernel: one and several blocks,
+    # batches that leave a partial 16-row tile, one tile with its K range split over 4 warps (batch
+    # <= 16), 2 row tiles split over 2 warps (17-32), and 3 row tiles, 6 output tiles, no split (33).
+    [(1, 1, 5, 16), (3, 5, 7, 32), (4, 16, 9, 48), (2, 17, 6, 64), (2, 33, 4, 16)],
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_persistent_sequence_on_tensor_cores(emu, dtype, steps, batch, input_size, hidden_size, reverse):
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
+    output, hy, cy, cell_states, gates, kernel = emu.sequence_forward_persistent(x, h0, c0, *weights, reverse, True)
+    assert kernel == 2, "the tensor-core kernel must take this shape"
+    xr = x.double().flip(0) if reverse else x.double()
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
+    if reverse:
+        expected = expected.flip(0)
+    tolerance = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    assert relative_error(output, expected) <= tolerance
+    assert relative_error(hy, expected_h[0]) <= tolerance
+    assert relative_error(cy, expected_c[0]) <= tolerance
+    assert torch.isfinite(gates).all()

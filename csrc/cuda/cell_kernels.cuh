@@ -42,10 +42,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #define LSTM_FUSED_LAUNCH_COOPERATIVE(kernel, grid, block, shared_bytes, stream, ...) \
   ::lstm_fused::cuda::launch_cooperative_kernel(kernel, (grid), (block), (shared_bytes), (stream), __VA_ARGS__)
-#define LSTM_FUSED_DYNAMIC_SHARED(type, name)                 \
-  extern __shared__ __align__(16) unsigned char name##_raw[]; \
+// 128-byte aligned: tensor-core fragment loads need 32-byte aligned tiles.
+#define LSTM_FUSED_DYNAMIC_SHARED(type, name)                  \
+  extern __shared__ __align__(128) unsigned char name##_raw[]; \
   type* name = reinterpret_cast<type*>(name##_raw)
 // Every launch is checked where it is made: an invalid configuration surfaces at its launch.
 #define LSTM_FUSED_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
@@ -851,7 +853,37 @@ struct SequencePlan {
   int64_t blocks;
   size_t shared_bytes;
   bool fits;
+  bool tensor_cores;  // the forward's product on tensor cores (sequence_forward_persistent_mma_kernel)
 };
+
+// Tensor cores for half and bfloat16, on 16x16x16 tiles: the hidden size must be a multiple of 16
+// (K tiles, and 32-byte aligned rows of the staged tiles). Float32 stays on exact FFMA: TF32 is
+// not implemented in the persistent kernel.
+constexpr int kMmaTile = 16;
+
+template <typename scalar_t>
+bool sequence_uses_tensor_cores(int64_t hidden_size) {
+  return sizeof(scalar_t) == 2 && hidden_size % kMmaTile == 0;
+}
+
+// How the tensor-core forward splits a block's product [rows, 4 * kSequenceUnits = 32 columns]
+// over its 8 warps: 16x16 output tiles (2 per 16 rows), and, when there are fewer tiles than
+// warps, the K range of each tile split over several warps whose partial tiles the epilogue adds.
+struct MmaSplit {
+  int64_t padded_rows;  // the batch rounded up to 16
+  int tiles;
+  int splits;
+  int items;  // tiles * splits: one warp's share of the product each
+};
+
+LSTM_FUSED_HOST_DEVICE MmaSplit mma_split(int64_t batch) {
+  MmaSplit m;
+  m.padded_rows = (batch + kMmaTile - 1) / kMmaTile * kMmaTile;
+  m.tiles = static_cast<int>(m.padded_rows / kMmaTile * 2);
+  m.splits = m.tiles >= kSequenceWarps ? 1 : kSequenceWarps / m.tiles;
+  m.items = m.tiles * m.splits;
+  return m;
+}
 
 // max_shared_bytes: the device's opt-in limit per block; max_blocks: how many blocks of this
 // kernel at shared_bytes can be co-resident (occupancy x SMs), 0 when cooperative launches are
@@ -861,9 +893,17 @@ SequencePlan plan_persistent_sequence(int64_t batch, int64_t hidden_size, size_t
   using opmath_t = at::opmath_type<scalar_t>;
   SequencePlan plan;
   plan.blocks = ceil_div(hidden_size, kSequenceUnits);
-  // h_{t-1} of every row, as the compute type, then the block's 4 * kSequenceUnits rows of W_hh.
-  plan.shared_bytes = static_cast<size_t>(batch * hidden_size) * sizeof(opmath_t) +
-      static_cast<size_t>(4 * kSequenceUnits * hidden_size) * sizeof(scalar_t);
+  plan.tensor_cores = sequence_uses_tensor_cores<scalar_t>(hidden_size);
+  const size_t weight_bytes = static_cast<size_t>(4 * kSequenceUnits * hidden_size) * sizeof(scalar_t);
+  if (plan.tensor_cores) {
+    // The warps' float partial tiles, h_{t-1} in the storage type padded to 16 rows, the weights.
+    const MmaSplit split = mma_split(batch);
+    plan.shared_bytes = static_cast<size_t>(split.items) * kMmaTile * kMmaTile * sizeof(float) +
+        static_cast<size_t>(split.padded_rows * hidden_size) * sizeof(scalar_t) + weight_bytes;
+  } else {
+    // h_{t-1} of every row as the compute type, then the block's 4 * kSequenceUnits rows of W_hh.
+    plan.shared_bytes = static_cast<size_t>(batch * hidden_size) * sizeof(opmath_t) + weight_bytes;
+  }
   plan.fits = batch > 0 && hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
   return plan;
 }
@@ -993,6 +1033,152 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
   }
 }
 
+#if defined(LSTM_FUSED_CUDA_EMULATION)
+template <typename scalar_t>
+using MmaElement = scalar_t;
+#else
+template <typename scalar_t>
+struct MmaElementOf;
+template <>
+struct MmaElementOf<c10::Half> {
+  using type = __half;
+};
+template <>
+struct MmaElementOf<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename scalar_t>
+using MmaElement = typename MmaElementOf<scalar_t>::type;
+#endif
+
+// The persistent forward with the recurrent product on tensor cores (half and bfloat16, float32
+// accumulation): per step, the block's product h_{t-1} [rows, H] x W_slice^T [H, 32] as 16x16x16
+// fragments (mma_split), the partial tiles through shared memory, and the same epilogue and grid
+// barrier as the SIMT kernel. Same parameters as sequence_forward_persistent_kernel.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_mma_kernel(
+    const scalar_t* __restrict__ projected,
+    const scalar_t* __restrict__ weight_hh,
+    const scalar_t* __restrict__ hx,
+    const scalar_t* __restrict__ cx,
+    scalar_t* output,
+    scalar_t* cell_states,
+    scalar_t* __restrict__ gates,
+    scalar_t* __restrict__ hy,
+    scalar_t* __restrict__ cy,
+    const SequenceShape shape) {
+  namespace wmma = nvcuda::wmma;
+  using element_t = MmaElement<scalar_t>;
+  constexpr int kTileElements = kMmaTile * kMmaTile;
+  const int64_t B = shape.batch;
+  const int64_t H = shape.hidden_size;
+  const MmaSplit split = mma_split(B);
+  LSTM_FUSED_DYNAMIC_SHARED(float, partial);                                            // [items][16][16]
+  scalar_t* staged_h = reinterpret_cast<scalar_t*>(partial + split.items * kTileElements);  // [padded_rows][H]
+  scalar_t* resident_weight = staged_h + split.padded_rows * H;                          // [32][H]: row g * 8 + u
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
+
+  const int64_t weight_elements = 4 * kSequenceUnits * H;
+  for (int64_t index = threadIdx.x; index < weight_elements; index += blockDim.x) {
+    const int64_t row = index / H;
+    const int64_t k = index - row * H;
+    const int64_t gate = row / kSequenceUnits;
+    const int64_t row_unit = unit_base + row % kSequenceUnits;
+    resident_weight[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * H + k] : scalar_t(0);
+  }
+
+  for (int64_t s = 0; s < shape.steps; ++s) {
+    const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
+    const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
+    const scalar_t* h_prev = s == 0 ? hx : output + t_prev * B * H;
+    const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
+    // Rows past the batch are zeros: their products are computed and never read.
+    for (int64_t index = threadIdx.x; index < split.padded_rows * H; index += blockDim.x) {
+      staged_h[index] = index < B * H ? h_prev[index] : scalar_t(0);
+    }
+    __syncthreads();
+    // Uniform per warp: every lane of a warp takes the same items, as the fragments require.
+    for (int item = warp; item < split.items; item += kSequenceWarps) {
+      const int tile = item % split.tiles;
+      const int part = item / split.tiles;
+      const int64_t row_tile = tile / 2;
+      const int64_t column_tile = tile % 2;
+      wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> accumulator;
+      wmma::fill_fragment(accumulator, 0.0f);
+      for (int64_t k0 = static_cast<int64_t>(part) * kMmaTile; k0 < H; k0 += static_cast<int64_t>(split.splits) * kMmaTile) {
+        wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, element_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, element_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const element_t*>(staged_h + row_tile * kMmaTile * H + k0), H);
+        wmma::load_matrix_sync(b, reinterpret_cast<const element_t*>(resident_weight + column_tile * kMmaTile * H + k0), H);
+        wmma::mma_sync(accumulator, a, b, accumulator);
+      }
+      wmma::store_matrix_sync(partial + item * kTileElements, accumulator, kMmaTile, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int64_t index = threadIdx.x; index < B * kSequenceUnits; index += blockDim.x) {
+      const int64_t row = index / kSequenceUnits;
+      const int u = static_cast<int>(index % kSequenceUnits);
+      const int64_t unit = unit_base + u;
+      if (unit >= H) {
+        continue;
+      }
+      const int64_t row_tile = row / kMmaTile;
+      const int row_in_tile = static_cast<int>(row % kMmaTile);
+      const scalar_t* projected_row = projected + (t * B + row) * 4 * H + unit;
+      float preactivation[4];
+#pragma unroll
+      for (int gate = 0; gate < 4; ++gate) {
+        const int column = gate * kSequenceUnits + u;
+        const int tile = static_cast<int>(row_tile * 2 + column / kMmaTile);
+        float sum = static_cast<float>(projected_row[gate * H]);
+        for (int part = 0; part < split.splits; ++part) {
+          sum += partial[(part * split.tiles + tile) * kTileElements + row_in_tile * kMmaTile + column % kMmaTile];
+        }
+        preactivation[gate] = sum;
+      }
+      const int64_t state_offset = row * H + unit;
+      const auto step = math::cell_forward(
+          math::Gates<float>{preactivation[0], preactivation[1], preactivation[2], preactivation[3]},
+          static_cast<float>(c_prev[state_offset]));
+      const scalar_t h_new = static_cast<scalar_t>(step.hidden_state);
+      const scalar_t c_new = static_cast<scalar_t>(step.cell_state);
+      output[t * B * H + state_offset] = h_new;
+      cell_states[t * B * H + state_offset] = c_new;
+      if (gates != nullptr) {
+        scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
+        gate_row[0] = static_cast<scalar_t>(step.gates.input);
+        gate_row[H] = static_cast<scalar_t>(step.gates.forget);
+        gate_row[2 * H] = static_cast<scalar_t>(step.gates.cell);
+        gate_row[3 * H] = static_cast<scalar_t>(step.gates.output);
+      }
+      if (s == shape.steps - 1) {
+        hy[state_offset] = h_new;
+        cy[state_offset] = c_new;
+      }
+    }
+    __threadfence();
+    cooperative_groups::this_grid().sync();
+  }
+}
+
+template <typename scalar_t>
+using SequenceForwardKernel = void (*)(
+    const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t*,
+    scalar_t*, SequenceShape);
+
+// The forward kernel a plan launches (and whose occupancy the caller checks).
+template <typename scalar_t>
+SequenceForwardKernel<scalar_t> persistent_forward_kernel(bool tensor_cores) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (tensor_cores) {
+      return sequence_forward_persistent_mma_kernel<scalar_t>;
+    }
+  }
+  return sequence_forward_persistent_kernel<scalar_t>;
+}
+
 template <typename scalar_t>
 struct SequencePointers {
   const scalar_t* projected;
@@ -1010,7 +1196,7 @@ struct SequencePointers {
 template <typename scalar_t>
 void launch_persistent_sequence(
     const SequencePointers<scalar_t>& p, const SequenceShape& shape, const SequencePlan& plan, cudaStream_t stream) {
-  const auto kernel = sequence_forward_persistent_kernel<scalar_t>;
+  const SequenceForwardKernel<scalar_t> kernel = persistent_forward_kernel<scalar_t>(plan.tensor_cores);
   LSTM_FUSED_LAUNCH_COOPERATIVE(
       kernel, dim3(static_cast<unsigned int>(plan.blocks)), dim3(kSequenceThreads), plan.shared_bytes, stream,
       p.projected, p.weight_hh, p.hx, p.cx, p.output, p.cell_states, p.gates, p.hy, p.cy, shape);
@@ -1035,6 +1221,7 @@ SequencePlan plan_persistent_sequence_backward(int64_t hidden_size, size_t max_s
   SequencePlan plan;
   plan.blocks = ceil_div(hidden_size, kSequenceUnits);
   plan.shared_bytes = static_cast<size_t>(4 * hidden_size * kSequenceUnits) * sizeof(scalar_t);
+  plan.tensor_cores = false;
   plan.fits = hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
   return plan;
 }

@@ -218,9 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_sequence_persistent", [&] {
     size_t max_shared = 0;
-    const size_t wanted = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, SIZE_MAX, INT64_MAX).shared_bytes;
-    const int64_t capacity =
-        cooperative_capacity(cuda::sequence_forward_persistent_kernel<scalar_t>, wanted, &max_shared);
+    const cuda::SequencePlan wanted = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, SIZE_MAX, INT64_MAX);
+    const int64_t capacity = cooperative_capacity(
+        cuda::persistent_forward_kernel<scalar_t>(wanted.tensor_cores), wanted.shared_bytes, &max_shared);
     const cuda::SequencePlan plan = cuda::plan_persistent_sequence<scalar_t>(batch, hidden_size, max_shared, capacity);
     if (!plan.fits) {
       return;

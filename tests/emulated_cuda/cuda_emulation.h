@@ -618,3 +618,90 @@ inline grid_group this_grid() {
 }
 
 }  // namespace cooperative_groups
+
+// ------------------------------------------------------------------------------------------------
+// Tensor-core fragments (nvcuda::wmma), for 16x16x16 tiles. The GPU spreads a fragment over the
+// warp's lanes in a layout the API leaves unspecified; here every lane holds the whole tile, which
+// that contract allows, and each operation is warp-collective: it starts and ends with a warp
+// barrier, as the GPU requires all 32 lanes to reach it together. Products accumulate in float.
+// ------------------------------------------------------------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[rows * cols];  // row-major: element (i, j) at x[i * cols + j]
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
+  __syncwarp();
+  for (float& e : f.x) {
+    e = value;
+  }
+  __syncwarp();
+}
+
+// ldm: elements between consecutive rows (row_major) or columns (col_major) in memory.
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename Source>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const Source* source, unsigned int ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  __syncwarp();
+  for (int i = 0; i < F::rows; ++i) {
+    for (int j = 0; j < F::cols; ++j) {
+      const Source value = std::is_same_v<Layout, col_major> ? source[j * ldm + i] : source[i * ldm + j];
+      f.x[i * F::cols + j] = static_cast<float>(value);
+    }
+  }
+  __syncwarp();
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
+void mma_sync(
+    fragment<accumulator, M, N, K, TC>& d,
+    const fragment<matrix_a, M, N, K, TA, LA>& a,
+    const fragment<matrix_b, M, N, K, TB, LB>& b,
+    const fragment<accumulator, M, N, K, TC>& c) {
+  __syncwarp();
+  float result[M * N];
+  for (int i = 0; i < M; ++i) {
+    for (int j = 0; j < N; ++j) {
+      float sum = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) {
+        sum += a.x[i * K + k] * b.x[k * N + j];
+      }
+      result[i * N + j] = sum;
+    }
+  }
+  std::memcpy(d.x, result, sizeof(result));
+  __syncwarp();
+}
+
+// One lane writes (all hold the same tile); the barriers order the store with the warp's other
+// lanes' later reads.
+template <int M, int N, int K, typename TC>
+void store_matrix_sync(float* destination, const fragment<accumulator, M, N, K, TC>& f, unsigned int ldm, layout_t layout) {
+  __syncwarp();
+  if (::cuda_emulation::lane_id() == 0) {
+    for (int i = 0; i < M; ++i) {
+      for (int j = 0; j < N; ++j) {
+        (layout == mem_col_major ? destination[j * ldm + i] : destination[i * ldm + j]) = f.x[i * N + j];
+      }
+    }
+  }
+  __syncwarp();
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

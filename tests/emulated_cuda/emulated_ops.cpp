@@ -172,8 +172,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> plan_fused_forward(
 // The persistent sequence forward over a padded [T, B, I] input, as lstm_cell.cu's
 // sequence_forward_persistent launches it; co-residency as the emulation allows (at most
 // kMaxCooperativeBlocks blocks, 227 KiB of shared memory each). Returns output, hy, cy,
-// cell_states, gates and whether the persistent kernel ran (false: the shape does not fit).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> sequence_forward_persistent(
+// cell_states, gates and which kernel ran: 0 none (the shape does not fit), 1 SIMT, 2 tensor cores.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_forward_persistent(
     const at::Tensor& input,
     const at::Tensor& hx,
     const at::Tensor& cx,
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> seq
   at::Tensor gates = poisoned({steps, batch, 4 * hidden_size}, options);
   at::Tensor hy = poisoned({batch, hidden_size}, options);
   at::Tensor cy = poisoned({batch, hidden_size}, options);
-  bool ran = false;
+  int64_t ran = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_sequence", [&] {
     const kernels::SequencePlan plan = kernels::plan_persistent_sequence<scalar_t>(
         batch, hidden_size, cuda_emulation::kOptInSharedBytes, cuda_emulation::kMaxCooperativeBlocks);
@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> seq
         cy.mutable_data_ptr<scalar_t>()};
     kernels::launch_persistent_sequence<scalar_t>(
         pointers, kernels::SequenceShape{steps, batch, hidden_size, reverse}, plan, nullptr);
-    ran = true;
+    ran = plan.tensor_cores ? 2 : 1;
   });
   return {output, hy, cy, cell_states, gates, ran};
 }
@@ -335,7 +335,7 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       &plan_fused_forward);
   m.def(
       "sequence_forward_persistent(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool write_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, bool)",
+      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool write_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, int)",
       &sequence_forward_persistent);
   m.def(
       "sequence_backward_persistent(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, "
