@@ -18,6 +18,10 @@
 // pointwise kernel (cell_pointwise_kernel). use_fused_forward() picks between the two.
 //
 // Backward: one pointwise kernel for the gate gradients; the products are library GEMMs.
+//
+// Sequence (sequence_forward_persistent / sequence_backward_persistent): one cooperative launch
+// per layer direction runs every step, W_hh's slices resident in shared memory, a grid barrier per
+// step; half/bfloat16 forward products on tensor cores. See the section at the end.
 #pragma once
 
 #include <ATen/OpMathType.h>

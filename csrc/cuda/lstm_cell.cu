@@ -1,4 +1,5 @@
-// The CUDA ops of the LSTM cell: argument checks, device guard, allocation, and the choice of path.
+// The CUDA ops of the LSTM cell and of the persistent sequence kernels: argument checks, device
+// guard, allocation, and the choice of path.
 // The kernels and their launch planning live in cell_kernels.cuh, which the tests also compile for
 // the CPU against their emulation of CUDA (tests/emulated_cuda/), so what runs here has run in CI.
 #include <ATen/ATen.h>
@@ -183,8 +184,9 @@ int64_t cooperative_capacity(Kernel kernel, size_t shared_bytes, size_t* max_sha
 
 // One layer direction over a padded [T, B, I] sequence (every sequence of full length): one GEMM
 // for the input projection of all steps, then one cooperative launch for the recurrence. Shapes the
-// persistent kernel cannot hold fall back to a GEMM and a pointwise launch per step. Returns output [T, B, H],
-// hy, cy, cell_states [T, B, H], gates [T, B, 4H] (as sequence_forward's, padded layout).
+// persistent kernel cannot hold fall back to a GEMM and a pointwise launch per step. Returns
+// output [T, B, H], hy, cy, cell_states [T, B, H], gates [T, B, 4H] (as sequence_forward's, in the
+// padded layout).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward_persistent_cuda(
     const at::Tensor& input,
     const at::Tensor& hx,
@@ -202,7 +204,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t steps = input.size(0);
   const int64_t batch = input.size(1);
-  const int64_t input_size = input.size(2);
   const int64_t hidden_size = weight_hh.size(1);
   const auto options = input.options();
   at::Tensor output = new_output({steps, batch, hidden_size}, options);
