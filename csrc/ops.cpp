@@ -34,9 +34,12 @@ bool set_poison_outputs(bool enabled) {
   return poison_outputs.exchange(enabled);
 }
 
+// An explicit list rather than at::isFloatingType, which also admits the float8 types: those have no
+// kernel here and would otherwise fail later, deep inside a dtype dispatch, naming no argument.
 void check_floating(const at::Tensor& t, const char* name) {
+  const at::ScalarType dtype = t.scalar_type();
   TORCH_CHECK(
-      at::isFloatingType(t.scalar_type()),
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       "lstm_fused: ", name, " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
       t.scalar_type());
 }

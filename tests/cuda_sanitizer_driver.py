@@ -3,10 +3,15 @@ non-zero on a mismatch. Not a pytest module: it is the workload for compute-sani
 
     cd /tmp && compute-sanitizer --tool memcheck  --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
     cd /tmp && compute-sanitizer --tool racecheck --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
+    cd /tmp && compute-sanitizer --tool synccheck --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
     cd /tmp && compute-sanitizer --tool initcheck --error-exitcode 2 python /path/to/tests/cuda_sanitizer_driver.py
 
-The shapes are small (the sanitizers slow kernels down 10-100x) but cover the fused kernel's tiles
-(batch 1, 3 -> tile 4, 9 -> tile 8/16 or several tiles of 4), the scalar and vectorised paths
+(benchmarks/gpu_proof.sh runs memcheck, racecheck and synccheck this way.)
+
+The shapes are small (the sanitizers slow kernels down 10-100x) but cover every tile of the fused
+kernel (csrc/cuda/cell_kernels.cuh) and its tails: batch 1 -> tile 1, 3 -> tile 4, 5 and 8 -> tile 8
+(double: two tiles of 4), 9 and 16 -> tile 16 (half/bfloat16: tiles of 8), 33 -> three tiles of 16;
+the scalar and vectorised paths
 (sizes 5, 7 against 64, 128), more than one shared-memory chunk per segment (hidden 1024 at the
 larger tiles), the in-block split of K over warps (small hidden, long input), the fallback
 (batch 257) and every presence pattern of the backward's incoming gradients.
@@ -30,7 +35,11 @@ SHAPES = [  # (batch, input_size, hidden_size)
     (1, 128, 64),
     (1, 7, 5),
     (3, 0, 300),
+    (5, 16, 33),
+    (8, 64, 3),
     (9, 128, 1024),
+    (16, 7, 64),
+    (33, 64, 40),
     (2, 2048, 8),
     (257, 7, 64),
 ]
@@ -97,6 +106,40 @@ def gate_grads_case(dtype):
         check(f"cell_gate_grads {dtype} present={present} grad_cx", grad_cx, expected_cx, dtype)
 
 
+def sequence_case(steps, batch, input_size, hidden_size, dtype, reverse):
+    lstm = torch.nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=torch.float64)
+    weights = [p.detach().to(dtype) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    with torch.no_grad():
+        for p, w in zip(lstm.parameters(), weights):
+            p.copy_(w.double())
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
+    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    grad_output, grad_hy, grad_cy = torch.randn_like(output), torch.randn_like(hy), torch.randn_like(cy)
+    grads = ops.sequence_backward_persistent(
+        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
+    )
+    xr = x.double().flip(0) if reverse else x.double()
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
+    if reverse:
+        expected = expected.flip(0)
+    leaves = [t.detach().double().requires_grad_() for t in (x, h0, c0)]
+    xr_leaf = leaves[0].flip(0) if reverse else leaves[0]
+    out, (hn, cn) = lstm(xr_leaf, (leaves[1][None], leaves[2][None]))
+    if reverse:
+        out = out.flip(0)
+    loss = (out * grad_output.double()).sum() + (hn[0] * grad_hy.double()).sum() + (cn[0] * grad_cy.double()).sum()
+    expected_grads = torch.autograd.grad(loss, leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
+    name = f"sequence_forward_persistent {dtype} T={steps} batch={batch} hidden={hidden_size} reverse={reverse}"
+    for label, actual, wanted in zip(["input", "hx", "cx", "weight_ih", "weight_hh", "bias"], grads, expected_grads):
+        check(f"{name} grad {label}", actual, wanted, dtype)
+    check(f"{name} output", output, expected, dtype)
+    check(f"{name} h_n", hy, expected_h[0], dtype)
+    check(f"{name} c_n", cy, expected_c[0], dtype)
+
+
 def main():
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         print("cuda_sanitizer_driver: no CUDA device", file=sys.stderr)
@@ -114,7 +157,20 @@ def main():
     for batch in (0, 3):  # empty batch, and an empty hidden state: no launch may be attempted
         step_case(batch, 7, 5, torch.float32, True)
     step_case(3, 7, 0, torch.float32, True)
-    if DEVICE.startswith("cuda"):
+    # With TF32 allowed, float32 switches to cuBLAS above batch 8: both sides of that boundary.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    TOLERANCE[torch.float32] = 5e-3
+    for batch in (8, 9):
+        step_case(batch, 128, 64, torch.float32, True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    TOLERANCE[torch.float32] = 1e-4
+    if DEVICE.startswith("cuda") and hasattr(ops, "sequence_forward_persistent"):
+        # The persistent sequence kernels, forward and backward: one block, several blocks,
+        # reverse, and a fallback shape.
+        for steps, batch, hidden_size, reverse in [(3, 2, 5, False), (4, 5, 40, True), (2, 2, 4096, False)]:
+            for dtype in (torch.float32, torch.bfloat16):
+                sequence_case(steps, batch, 7, hidden_size, dtype, reverse)
+                cases += 1
         torch.cuda.synchronize()
     if failures:
         print(f"cuda_sanitizer_driver: {len(failures)} mismatches", file=sys.stderr)

@@ -413,7 +413,7 @@ def test_pointwise_and_gate_grads_device_mismatch():
     gates = torch.randn(3, 20, device=DEVICE)
     cx = torch.randn(3, 5)
     hy, cy = torch.empty(3, 5, device=DEVICE), torch.empty(3, 5, device=DEVICE)
-    with pytest.raises(RuntimeError, match=re.escape("cx is on device cpu but input is on cuda")):
+    with pytest.raises(RuntimeError, match=re.escape("cx is on device cpu but gates is on cuda")):
         ops.cell_pointwise_(gates, cx, None, hy, cy)
     with pytest.raises(RuntimeError, match=re.escape("gates is on device cuda")):
         ops.cell_gate_grads(None, None, None, cx, cx, gates)
@@ -540,3 +540,94 @@ def test_fused_forward_weight_beyond_32_bit_offsets():
     assert_close(c1, expected_c1, 1e-2, "c_1 with a >2^31-element weight")
     assert_close(h1, o.sigmoid() * expected_c1.tanh(), 1e-2, "h_1 with a >2^31-element weight")
     assert_close(gates[:, 3 * hidden_size :], o.sigmoid(), 1e-2, "output gate with a >2^31-element weight")
+
+
+@pytest.mark.parametrize("batch", [8, 9, 64, 65])
+def test_tf32_allowed_on_both_sides_of_the_path_boundary(batch):
+    # With TF32 allowed the float32 path switches to cuBLAS (tensor cores) above batch 8
+    # (cell_kernels.cuh, use_fused_forward): both sides must agree with nn.LSTMCell under the same
+    # setting, to TF32's rounding (10-bit mantissa products).
+    torch_cell, fused_cell = make_cells(256, 512, True, torch.float32)
+    x, h0, c0 = random_inputs(batch, 256, 512, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    h1, c1 = fused_cell(x, (h0, c0))
+    expected_h1, expected_c1 = torch_cell(x, (h0, c0))
+    assert_close(h1, expected_h1, 5e-3, "h_1 with TF32 allowed")
+    assert_close(c1, expected_c1, 5e-3, "c_1 with TF32 allowed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("batch", [5, 8, 16, 17, 33])
+def test_batch_tiles_on_the_gpu(dtype, batch):
+    # The tiles of 8 and 16 rows and their tails (the emulated tests run the same on the CPU).
+    if dtype == torch.float32:
+        check_parity(batch, 128, 300, True, dtype)
+    else:
+        _, fused_cell = make_cells(128, 512, True, dtype)
+        x, h0, c0 = random_inputs(batch, 128, 512, dtype)
+        params64 = [p.detach().double() for p in fused_cell.parameters()]
+        h1, c1 = fused_cell(x, (h0, c0))
+        expected_h1, expected_c1 = reference.lstm_cell(x.double(), (h0.double(), c0.double()), *params64)
+        assert_close(h1, expected_h1, TOLERANCE[dtype], "h_1")
+        assert_close(c1, expected_c1, TOLERANCE[dtype], "c_1")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden_size",
+    # 4096 hidden units: W_hh's slices do not fit in shared memory, the op falls back per step.
+    [(5, 3, 7, 33), (4, 16, 768, 768), (3, 2, 16, 4096)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sequence_forward_persistent_against_nn_lstm(dtype, steps, batch, input_size, hidden_size, reverse):
+    lstm = nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=torch.float64)
+    weights = [p.detach().to(dtype) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    with torch.no_grad():
+        for p, w in zip(lstm.parameters(), weights):
+            p.copy_(w.double())
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
+    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    xr = x.double().flip(0) if reverse else x.double()
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
+    if reverse:
+        expected = expected.flip(0)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    assert_close(output, expected, tolerance, "output")
+    assert_close(hy, expected_h[0], tolerance, "h_n")
+    assert_close(cy, expected_c[0], tolerance, "c_n")
+    last = 0 if reverse else steps - 1
+    assert_close(cell_states[last], expected_c[0], tolerance, "cell state of the last step")
+    assert torch.isfinite(gates).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "steps,batch,input_size,hidden_size",
+    # 4096 hidden units: W_hh's columns do not fit in shared memory, the op falls back per step.
+    [(5, 3, 7, 33), (4, 16, 256, 768), (3, 2, 16, 4096)],
+)
+def test_sequence_backward_persistent_against_autograd(steps, batch, input_size, hidden_size, reverse):
+    dtype = torch.float64
+    lstm = nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=dtype)
+    weights = [p.detach() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
+    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
+    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
+    grad_output = torch.randn_like(output)
+    grad_hy, grad_cy = torch.randn_like(hy), torch.randn_like(cy)
+    grads = ops.sequence_backward_persistent(
+        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
+    )
+    leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    xr = leaves[0].flip(0) if reverse else leaves[0]
+    out, (hn, cn) = lstm(xr, (leaves[1][None], leaves[2][None]))
+    if reverse:
+        out = out.flip(0)
+    loss = (out * grad_output).sum() + (hn[0] * grad_hy).sum() + (cn[0] * grad_cy).sum()
+    expected = torch.autograd.grad(loss, leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
+    for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected):
+        assert_close(actual, wanted, 1e-10, f"grad of {name}")
