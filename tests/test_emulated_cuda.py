@@ -35,7 +35,11 @@ def emu():
     """torch.ops.lstm_fused_emulated, compiled on first use (about a minute on 2 cores)."""
     from torch.utils import cpp_extension
 
-    build_dir = ROOT / "build" / "emulated_cuda"
+    # Under .ci/sanitize (LSTM_FUSED_SANITIZE), the emulated kernels are built with the sanitizers
+    # too, into a build folder of their own.
+    sanitize = os.environ.get("LSTM_FUSED_SANITIZE", "")
+    sanitize_flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []
+    build_dir = ROOT / "build" / ("emulated_cuda_sanitized" if sanitize else "emulated_cuda")
     build_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     cpp_extension.load(
@@ -44,7 +48,8 @@ def emu():
         extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
         # -O1: the kernels' unrolled loops at -O2/-O3 take minutes to compile on 2 cores, and the
         # emulated run is bound by the fibers' switches, not by the arithmetic.
-        extra_cflags=["-O1", "-std=c++20", "-fno-strict-aliasing"],
+        extra_cflags=["-O1", "-std=c++20", "-fno-strict-aliasing"] + sanitize_flags,
+        extra_ldflags=sanitize_flags,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=os.environ.get("LSTM_FUSED_EMULATION_VERBOSE") == "1",
