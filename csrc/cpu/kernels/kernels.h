@@ -10,6 +10,29 @@
 namespace lstm_fused {
 namespace cpu {
 
+// The float pointwise loops of cell_units.h over whole vectors of units [first, end): they return
+// the first unit they left for the scalar loop.
+using ForwardUnitsFn = int64_t(
+    bool has_bias,
+    GateRows<float> gates,
+    GateRows<const float> bias,
+    const float* cell_prev,
+    float* cell_next,
+    float* hidden_next,
+    int64_t first,
+    int64_t end);
+using BackwardUnitsFn = int64_t(
+    GateRows<const float> gates,
+    GateRows<const float> grad_gates,
+    const float* cell_prev,
+    const float* cell_next,
+    const float* grad_hidden,
+    const float* grad_cell,
+    GateRows<float> grad_preactivation,
+    float* grad_cell_prev,
+    int64_t first,
+    int64_t end);
+
 struct Kernels {
   const char* name;  // "default", "avx2", "avx512", "neon": what lstm_fused.cpu_capability() says
 
@@ -23,28 +46,9 @@ struct Kernels {
   void (*sequence_forward)(const small_batch::SequenceForward& args, int threads);
   void (*sequence_backward)(const small_batch::SequenceBackward& args, int threads);
 
-  // The float pointwise loops of cell_units.h over whole vectors of units [first, end): they
-  // return the first unit they left for the scalar loop.
-  int64_t (*forward_units)(
-      bool has_bias,
-      GateRows<float> gates,
-      GateRows<const float> bias,
-      const float* cell_prev,
-      float* cell_next,
-      float* hidden_next,
-      int64_t first,
-      int64_t end);
-  int64_t (*backward_units)(
-      GateRows<const float> gates,
-      GateRows<const float> grad_gates,
-      const float* cell_prev,
-      const float* cell_next,
-      const float* grad_hidden,
-      const float* grad_cell,
-      GateRows<float> grad_preactivation,
-      float* grad_cell_prev,
-      int64_t first,
-      int64_t end);
+  // The float pointwise loops of cell_units.h over whole vectors of units.
+  ForwardUnitsFn* forward_units;
+  BackwardUnitsFn* backward_units;
 };
 
 // The table in use (capability.cpp).
@@ -56,26 +60,8 @@ namespace CPU_CAPABILITY {
 extern const Kernels table;
 
 // cell_units.cpp of this compile.
-int64_t forward_units(
-    bool has_bias,
-    GateRows<float> gates,
-    GateRows<const float> bias,
-    const float* cell_prev,
-    float* cell_next,
-    float* hidden_next,
-    int64_t first,
-    int64_t end);
-int64_t backward_units(
-    GateRows<const float> gates,
-    GateRows<const float> grad_gates,
-    const float* cell_prev,
-    const float* cell_next,
-    const float* grad_hidden,
-    const float* grad_cell,
-    GateRows<float> grad_preactivation,
-    float* grad_cell_prev,
-    int64_t first,
-    int64_t end);
+ForwardUnitsFn forward_units;
+BackwardUnitsFn backward_units;
 }  // namespace CPU_CAPABILITY
 #endif
 

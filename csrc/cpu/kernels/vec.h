@@ -77,6 +77,21 @@ struct Tail {
   int64_t count;
 };
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// Horizontal sums of 8 lanes, for both x86 paths (AVX-512 folds its 16 lanes to 8 first).
+inline float sum8(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline void store_sums8(float* out, __m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+#endif
+
 #if defined(CPU_CAPABILITY_AVX2)
 
 struct Vec {
@@ -102,18 +117,9 @@ inline Vec tanh_(Vec x) { return Sleef_tanhf8_u35avx2(x.v); }
 // operand, loading it twice, and a dot-product loop becomes load-bound.
 inline void keep_in_register(Vec& x) { asm("" : "+x"(x.v)); }
 
-inline float sum(Vec x) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
+inline float sum(Vec x) { return sum8(x.v); }
 // The horizontal sums of a, b, c, d into out[0..4).
-inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a.v, b.v), _mm256_hadd_ps(c.v, d.v));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
-}
+inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) { store_sums8(out, a.v, b.v, c.v, d.v); }
 
 #ifndef LSTM_FUSED_SCALAR_TAILS
 struct Mask {
@@ -156,17 +162,9 @@ inline __m256 fold(__m512 x) {
   return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
 }
 
-inline float sum(Vec x) {
-  const __m256 half = fold(x.v);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
+inline float sum(Vec x) { return sum8(fold(x.v)); }
 inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(fold(a.v), fold(b.v)), _mm256_hadd_ps(fold(c.v), fold(d.v)));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+  store_sums8(out, fold(a.v), fold(b.v), fold(c.v), fold(d.v));
 }
 
 #ifndef LSTM_FUSED_SCALAR_TAILS
