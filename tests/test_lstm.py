@@ -2,6 +2,8 @@
 outputs and every gradient over padded, batch_first, packed and unbatched input; gradcheck; gate
 and state introspection; state_dict; convert(); bad input; opcheck; torch.compile."""
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -664,6 +666,8 @@ class SequenceModel(nn.Module):
         return self.head(output), h_n, c_n
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None,
+                    reason="torch.compile's inductor needs a C++ compiler")
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     model = SequenceModel()
