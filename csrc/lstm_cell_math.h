@@ -18,8 +18,8 @@ namespace math {
 
 // Explicit float/double overloads: a generic std:: call would be silently evaluated in float on
 // some device paths (extension-cpp's LLTM lost float64 gradcheck that way). The CPU's vectorised
-// path instantiates the templates below with an 8-lane type whose exp_/tanh_ are found by
-// argument-dependent lookup (csrc/cpu/cell_units_avx2.cpp).
+// paths instantiate the templates below with a vector type whose exp_/tanh_ are found by
+// argument-dependent lookup (csrc/cpu/kernels/vec.h).
 LSTM_FUSED_HOST_DEVICE float exp_(float x) { return expf(x); }
 LSTM_FUSED_HOST_DEVICE double exp_(double x) { return exp(x); }
 LSTM_FUSED_HOST_DEVICE float tanh_(float x) { return tanhf(x); }

@@ -1,6 +1,8 @@
 // See matmul.h for why the CPU's float32 products bypass at::mm.
 #include "matmul.h"
 
+#include "cpu/capability.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -13,10 +15,6 @@ namespace {
 // One thread: a reorder pays for itself after 5 products at [8,512]x[512,2048], 10 at
 // [8,256]x[256,1024] (145 us against 15 us saved each), 25 at [16,128]x[128,512].
 constexpr int64_t kUsesWorthReordering = 32;
-// One thread: [8,128]x[128,512] (0.5M) takes 14.5 us with MKL, 18 with oneDNN; at 1M they tie,
-// [8,256]x[256,1024] (2M) takes 59 against 47 (33 with a reordered weight): a weight reordered once
-// for many products pays from 1M multiply-adds on.
-constexpr int64_t kMultiplyAddsWorthReorderedOnednn = int64_t{1} << 20;
 // Two threads, a whole cell step with its products in plain layout (forward and backward): at 1-2M
 // multiply-adds a product oneDNN still lost to MKL by 10-50% (B=64 H=64, B=8 H=256), at 4M they
 // tie, above that oneDNN wins by up to 2x.
@@ -107,7 +105,7 @@ std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::v
   // weight gradients at 32768 rows, and lf.LSTM's training step went from 1.01x to 1.18x nn.LSTM's
   // speed at B=64 H=256 T=512 (0.98x to 1.10x at B=16).
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool onednn_is_faster = __builtin_cpu_supports("avx512f");
+  static const bool onednn_is_faster = cpu::cpu_has("avx512");
 #else
   static const bool onednn_is_faster = true;  // no MKL there: keep the library ATen prefers
 #endif

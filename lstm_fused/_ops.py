@@ -37,6 +37,25 @@ BUILD_INFO = _load_extension()
 ops = torch.ops.lstm_fused
 
 
+def cpu_capability():
+    """The instruction set whose CPU kernels run: "avx512", "avx2", "neon" or "default" (portable).
+    The widest this CPU has, unless the environment variable LSTM_FUSED_CPU_CAPABILITY names a
+    lower one (as ATEN_CPU_CAPABILITY does for PyTorch's own kernels)."""
+    return ops.cpu_capability()
+
+
+def supported_cpu_capabilities():
+    """Every CPU path this build has and this CPU can run, widest first."""
+    return list(ops._supported_cpu_capabilities())
+
+
+try:
+    # Chosen now, so that a LSTM_FUSED_CPU_CAPABILITY this CPU cannot run fails the import.
+    cpu_capability()
+except RuntimeError as error:
+    raise ImportError(str(error).splitlines()[0]) from None
+
+
 @torch.library.register_fake("lstm_fused::cell_forward")
 def _cell_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
     batch, hidden_size = input.shape[0], weight_hh.shape[1]

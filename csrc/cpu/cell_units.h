@@ -1,6 +1,6 @@
 // The CPU pointwise loops over one row segment of hidden units, written once over a "lanes"
-// policy: Scalar (one unit at a time, any dtype) here, and 8 float lanes with AVX2 in
-// cell_units_avx2.cpp. Both apply the same lstm_cell_math.h formulas.
+// policy: Scalar (one unit at a time, any dtype) here, and the float vector of each instruction
+// set in kernels/ (VecLanes, vec.h). Both apply the same lstm_cell_math.h formulas.
 #pragma once
 
 #include <cstdint>
@@ -130,30 +130,6 @@ BackwardUnits<Lanes> backward_units_for(bool has_grad_hidden, bool has_grad_cell
       backward_units<Lanes, true, true, false>,   backward_units<Lanes, true, true, true>};
   return variants[(has_grad_hidden ? 4 : 0) + (has_grad_cell ? 2 : 0) + (has_grad_gates ? 1 : 0)];
 }
-
-// The 8-lane AVX2 loops for float (cell_units_avx2.cpp); they return how far they got, and
-// return `first` untouched on a CPU without AVX2 and FMA.
-bool have_avx2();
-int64_t forward_units_avx2(
-    bool has_bias,
-    GateRows<float> gates,
-    GateRows<const float> bias,
-    const float* cell_prev,
-    float* cell_next,
-    float* hidden_next,
-    int64_t first,
-    int64_t end);
-int64_t backward_units_avx2(
-    GateRows<const float> gates,
-    GateRows<const float> grad_gates,
-    const float* cell_prev,
-    const float* cell_next,
-    const float* grad_hidden,
-    const float* grad_cell,
-    GateRows<float> grad_preactivation,
-    float* grad_cell_prev,
-    int64_t first,
-    int64_t end);
 
 }  // namespace cpu
 }  // namespace lstm_fused

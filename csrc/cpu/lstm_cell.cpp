@@ -1,5 +1,5 @@
-// CPU kernels of the LSTM cell. Float32 at batch <= 16 on an AVX2 CPU: small_batch.h's fused loops,
-// no library call. Otherwise: two library products into one gate buffer, then one parallel
+// CPU kernels of the LSTM cell. Float32 at batch <= 16: small_batch.h's fused loops, no library
+// call. Otherwise: two library products into one gate buffer, then one parallel
 // pointwise pass (cell_units.h) that applies the cell math of lstm_cell_math.h in place.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,6 +11,7 @@
 #include "../matmul.h"
 #include "../ops.h"
 #include "cell_units.h"
+#include "kernels/kernels.h"
 #include "small_batch.h"
 
 namespace lstm_fused {
@@ -64,7 +65,7 @@ int64_t forward_units_vectorized(
     float* hidden_next,
     int64_t first,
     int64_t end) {
-  return cpu::forward_units_avx2(bias.input != nullptr, gates, bias, cell_prev, cell_next, hidden_next, first, end);
+  return cpu::kernels().forward_units(bias.input != nullptr, gates, bias, cell_prev, cell_next, hidden_next, first, end);
 }
 
 template <typename scalar_t>
@@ -93,7 +94,7 @@ int64_t backward_units_vectorized(
     float* grad_cell_prev,
     int64_t first,
     int64_t end) {
-  return cpu::backward_units_avx2(
+  return cpu::kernels().backward_units(
       gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
 }
 

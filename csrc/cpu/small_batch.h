@@ -1,5 +1,5 @@
-// The float32 path for small batches on CPUs with AVX2: a step's matrix products as hand-written
-// loops over the weights, fused with the pointwise cell math, threads kept across a whole sequence.
+// The float32 path for small batches: a step's matrix products as hand-written vector loops over
+// the weights, fused with the pointwise cell math, threads kept across a whole sequence.
 //
 // Why: at batch 1-16 a step's products are matrix-vector work of microseconds, and each library
 // call (ATen dispatch, MKL or oneDNN set-up, a fresh output) costs as much again; a cell step made
@@ -11,7 +11,8 @@
 // step; the cell splits the units.
 //
 // Raw pointers, contiguous row-major tensors, no ATen: the callers (lstm_cell.cpp, sequence.cpp)
-// check the arguments and allocate; small_batch_avx2.cpp holds the loops.
+// check the arguments and allocate. kernels/small_batch.cpp holds the loops, compiled once per
+// instruction set; the functions below call the ones capability.cpp chose.
 #pragma once
 
 #include <cstdint>
@@ -40,8 +41,7 @@ constexpr int64_t kMaxCellBatch = 16;
 constexpr int64_t kMaxSequenceBatch = 64;
 constexpr int64_t kMaxBatch = kMaxSequenceBatch > kMaxCellBatch ? kMaxSequenceBatch : kMaxCellBatch;
 
-// Whether the path takes a cell step, or a sequence, of this many rows on this CPU (which needs
-// AVX2 and FMA).
+// Whether the path takes a cell step, or a sequence, of this many rows.
 bool handles_cell(int64_t batch);
 bool handles_sequence(int64_t batch);
 
@@ -50,8 +50,9 @@ bool handles_sequence(int64_t batch);
 int threads_for(int64_t multiply_adds, int max_threads);
 
 // The recurrent weight [4 * hidden, hidden] re-laid once per sequence for its per-step products:
-// in panels of 8 columns, each [reduction][8] contiguous, zero-padded past the last column. Gate
-// panels serve the forward (columns: the 4 * hidden gate rows, 8 units of one gate a panel;
+// in panels of as many columns as the vector has lanes, each [reduction][lanes] contiguous,
+// zero-padded past the last column. Gate panels serve the forward (columns: the 4 * hidden gate
+// rows, one vector of units of one gate a panel;
 // reduction: hidden), unit panels the backward (columns: the hidden units; reduction: 4 * hidden).
 // The sizes are in floats.
 int64_t gate_panels_size(int64_t hidden_size);

@@ -1,52 +1,30 @@
-// The loops of small_batch.h: three AVX2 product kernels over row-major weights, the pointwise
-// cell math of cell_units.h on 8 lanes, and the thread layout that fuses them. Compiled for
-// AVX2+FMA by the pragma and entered only after handles_cell() or handles_sequence() said yes; like cell_units_avx2.cpp it
-// includes no ATen or c10 header (see float8_avx2.h).
-#pragma GCC target("avx2,fma")
-
-#include <omp.h>
-
+// The loops of small_batch.h, written once over Vec (vec.h) and compiled once per instruction set:
+// three product kernels over row-major weights, the pointwise cell math of cell_units.h, and the
+// thread layout that fuses them. Entered through the capability's Kernels table (kernels.h).
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 
-#include "float8_avx2.h"
-#include "small_batch.h"
+#include "../small_batch.h"
+#include "../threads.h"
+#include "kernels.h"
+#include "vec.h"
 
 namespace lstm_fused {
 namespace cpu {
-namespace small_batch {
+namespace CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kLanes = 8;
+using small_batch::CellBackwardProducts;
+using small_batch::kMaxBatch;
+using small_batch::kMaxSequenceBatch;
+using small_batch::kMaxCellBatch;
+using small_batch::CellForward;
+using small_batch::SequenceBackward;
+using small_batch::SequenceForward;
 
-// Lanes [0, n) set: the mask for the last, partial vector of a row.
-__m256i lanes_below(int64_t n) {
-  const int count = static_cast<int>(std::clamp<int64_t>(n, 0, kLanes));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// Makes v a register value: without it GCC folds a vector used by two FMAs into both as a memory
-// operand, loading it twice, and the dot-product loop becomes load-bound.
-inline void in_register(__m256& v) {
-  asm("" : "+x"(v));
-}
-
-float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// The four horizontal sums of a, b, c, d as one vector.
-__m128 horizontal_sums(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 ab = _mm256_hadd_ps(a, b);
-  const __m256 cd = _mm256_hadd_ps(c, d);
-  const __m256 abcd = _mm256_hadd_ps(ab, cd);
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
+constexpr int64_t kLanes = Vec::kWidth;
 
 // --- out[b, r] = x_b . weight[r]: the forward products, dot products along contiguous weight rows ---
 
@@ -64,46 +42,46 @@ void dot_tile(
     int64_t out_stride,
     const float* bias,
     bool accumulate) {
-  __m256 acc[kBatch][kRows];
+  Vec acc[kBatch][kRows];
   #pragma GCC unroll 16
   for (int b = 0; b < kBatch; ++b) {
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      acc[b][r] = _mm256_setzero_ps();
+      acc[b][r] = Vec(0.0f);
     }
   }
   const float* w = weight + row * size;
   int64_t k = 0;
   for (; k + kLanes <= size; k += kLanes) {
-    __m256 xv[kBatch];
+    Vec xv[kBatch];
     #pragma GCC unroll 16
     for (int b = 0; b < kBatch; ++b) {
-      xv[b] = _mm256_loadu_ps(x[b] + k);
+      xv[b] = Vec::load(x[b] + k);
     }
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      __m256 wv = _mm256_loadu_ps(w + r * size + k);
-      in_register(wv);
+      Vec wv = Vec::load(w + r * size + k);
+      keep_in_register(wv);
       #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
-        acc[b][r] = _mm256_fmadd_ps(wv, xv[b], acc[b][r]);
+        acc[b][r] = fma(wv, xv[b], acc[b][r]);
       }
     }
   }
   if (k < size) {
-    const __m256i mask = lanes_below(size - k);
-    __m256 xv[kBatch];
+    const Mask mask(Tail{size - k});
+    Vec xv[kBatch];
     #pragma GCC unroll 16
     for (int b = 0; b < kBatch; ++b) {
-      xv[b] = _mm256_maskload_ps(x[b] + k, mask);
+      xv[b] = load(x[b] + k, mask);
     }
     #pragma GCC unroll 16
     for (int r = 0; r < kRows; ++r) {
-      __m256 wv = _mm256_maskload_ps(w + r * size + k, mask);
-      in_register(wv);
+      Vec wv = load(w + r * size + k, mask);
+      keep_in_register(wv);
       #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
-        acc[b][r] = _mm256_fmadd_ps(wv, xv[b], acc[b][r]);
+        acc[b][r] = fma(wv, xv[b], acc[b][r]);
       }
     }
   }
@@ -113,12 +91,12 @@ void dot_tile(
     if constexpr (kRows % 4 == 0) {
       #pragma GCC unroll 16
       for (int r = 0; r < kRows; r += 4) {
-        _mm_storeu_ps(sums + r, horizontal_sums(acc[b][r], acc[b][r + 1], acc[b][r + 2], acc[b][r + 3]));
+        store_sums(sums + r, acc[b][r], acc[b][r + 1], acc[b][r + 2], acc[b][r + 3]);
       }
     } else {
       #pragma GCC unroll 16
       for (int r = 0; r < kRows; ++r) {
-        sums[r] = horizontal_sum(acc[b][r]);
+        sums[r] = sum(acc[b][r]);
       }
     }
     float* o = out + b * out_stride + row;
@@ -181,18 +159,17 @@ void dot_products(
 // out[b, v * 8 + lane] (+)= acc[b][v] for the first columns_left columns (all of them unless kMasked).
 template <int kBatch, int kVectors, bool kMasked>
 inline __attribute__((always_inline)) void store_tile(
-    const __m256 (&acc)[kBatch][kVectors], float* out, int64_t out_stride, int64_t columns_left, bool accumulate) {
+    const Vec (&acc)[kBatch][kVectors], float* out, int64_t out_stride, int64_t columns_left, bool accumulate) {
 #pragma GCC unroll 16
   for (int b = 0; b < kBatch; ++b) {
 #pragma GCC unroll 16
     for (int v = 0; v < kVectors; ++v) {
       float* o = out + b * out_stride + v * kLanes;
       if constexpr (kMasked) {
-        const __m256i mask = lanes_below(columns_left - v * kLanes);
-        const __m256 value = accumulate ? _mm256_add_ps(acc[b][v], _mm256_maskload_ps(o, mask)) : acc[b][v];
-        _mm256_maskstore_ps(o, mask, value);
+        const Mask mask(Tail{columns_left - v * kLanes});
+        store(o, accumulate ? acc[b][v] + load(o, mask) : acc[b][v], mask);
       } else {
-        _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(acc[b][v], _mm256_loadu_ps(o)) : acc[b][v]);
+        (accumulate ? acc[b][v] + Vec::load(o) : acc[b][v]).store(o);
       }
     }
   }
@@ -242,39 +219,32 @@ void weighted_sum_tile(
     float* out,
     int64_t out_stride,
     bool accumulate) {
-  __m256 acc[kBatch][kVectors];
+  Vec acc[kBatch][kVectors];
   #pragma GCC unroll 16
   for (int b = 0; b < kBatch; ++b) {
     #pragma GCC unroll 16
     for (int v = 0; v < kVectors; ++v) {
-      acc[b][v] = _mm256_setzero_ps();
-    }
-  }
-  __m256i mask[kVectors];
-  if constexpr (kMasked) {
-    #pragma GCC unroll 16
-    for (int v = 0; v < kVectors; ++v) {
-      mask[v] = lanes_below(end_column - column - v * kLanes);
+      acc[b][v] = Vec(0.0f);
     }
   }
   const float* w = weight + first_row * size + column;
   for (int64_t r = first_row; r < end_row; ++r, w += size) {
-    __m256 scale[kBatch];
+    Vec scale[kBatch];
     #pragma GCC unroll 16
     for (int b = 0; b < kBatch; ++b) {
-      scale[b] = _mm256_broadcast_ss(g[b] + r);
+      scale[b] = Vec::broadcast(g[b] + r);
     }
     #pragma GCC unroll 16
     for (int v = 0; v < kVectors; ++v) {
-      __m256 wv;
+      Vec wv;
       if constexpr (kMasked) {
-        wv = _mm256_maskload_ps(w + v * kLanes, mask[v]);
+        wv = load(w + v * kLanes, Mask(Tail{end_column - column - v * kLanes}));
       } else {
-        wv = _mm256_loadu_ps(w + v * kLanes);
+        wv = Vec::load(w + v * kLanes);
       }
       #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
-        acc[b][v] = _mm256_fmadd_ps(scale[b], wv, acc[b][v]);
+        acc[b][v] = fma(scale[b], wv, acc[b][v]);
       }
     }
   }
@@ -352,29 +322,29 @@ void panel_tile(
     int64_t out_stride,
     int64_t columns_left,
     bool accumulate) {
-  __m256 acc[kBatch][kVectors];
+  Vec acc[kBatch][kVectors];
 #pragma GCC unroll 16
   for (int b = 0; b < kBatch; ++b) {
 #pragma GCC unroll 16
     for (int v = 0; v < kVectors; ++v) {
-      acc[b][v] = _mm256_setzero_ps();
+      acc[b][v] = Vec(0.0f);
     }
   }
   const int64_t panel_size = reduction * kLanes;
   for (int64_t k = 0; k < reduction; ++k) {
-    __m256 wv[kVectors];
+    Vec wv[kVectors];
 #pragma GCC unroll 16
     for (int v = 0; v < kVectors; ++v) {
-      wv[v] = _mm256_loadu_ps(panels + v * panel_size + k * kLanes);
+      wv[v] = Vec::load(panels + v * panel_size + k * kLanes);
     }
     // Row by row, each row's factor broadcast just before its FMAs: one register for it, where
     // broadcasting every row's first left 6 x 2 tiles short of registers.
 #pragma GCC unroll 16
     for (int b = 0; b < kBatch; ++b) {
-      const __m256 scale = _mm256_broadcast_ss(x[b] + k);
+      const Vec scale = Vec::broadcast(x[b] + k);
 #pragma GCC unroll 16
       for (int v = 0; v < kVectors; ++v) {
-        acc[b][v] = _mm256_fmadd_ps(scale, wv[v], acc[b][v]);
+        acc[b][v] = fma(scale, wv[v], acc[b][v]);
       }
     }
   }
@@ -487,28 +457,28 @@ void outer_product_tile(
     bool accumulate) {
   for (int64_t r = first_row; r < end_row; ++r) {
     float* out = grad_weight + r * size;
-    __m256 scale[kBatch];
+    Vec scale[kBatch];
 #pragma GCC unroll 16
     for (int b = 0; b < kBatch; ++b) {
-      scale[b] = _mm256_broadcast_ss(g + b * g_stride + r);
+      scale[b] = Vec::broadcast(g + b * g_stride + r);
     }
     int64_t k = 0;
     for (; k + kLanes <= size; k += kLanes) {
-      __m256 acc = accumulate ? _mm256_loadu_ps(out + k) : _mm256_setzero_ps();
+      Vec acc = accumulate ? Vec::load(out + k) : Vec(0.0f);
 #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
-        acc = _mm256_fmadd_ps(scale[b], _mm256_loadu_ps(x[b] + k), acc);
+        acc = fma(scale[b], Vec::load(x[b] + k), acc);
       }
-      _mm256_storeu_ps(out + k, acc);
+      acc.store(out + k);
     }
     if (k < size) {
-      const __m256i mask = lanes_below(size - k);
-      __m256 acc = accumulate ? _mm256_maskload_ps(out + k, mask) : _mm256_setzero_ps();
+      const Mask mask(Tail{size - k});
+      Vec acc = accumulate ? load(out + k, mask) : Vec(0.0f);
 #pragma GCC unroll 16
       for (int b = 0; b < kBatch; ++b) {
-        acc = _mm256_fmadd_ps(scale[b], _mm256_maskload_ps(x[b] + k, mask), acc);
+        acc = fma(scale[b], load(x[b] + k, mask), acc);
       }
-      _mm256_maskstore_ps(out + k, mask, acc);
+      store(out + k, acc, mask);
     }
   }
 }
@@ -540,8 +510,9 @@ void outer_product_rows(
 
 // --- the pointwise cell math over one row's units [first, end) ---
 
-// Units after the last full vector go through the same 8-lane code on a zero-padded copy, so the
-// path never runs a scalar formula compiled with AVX2 that a file without it might share.
+// Units after the last full vector go through the same vector code on a zero-padded copy, so the
+// path never runs a scalar formula compiled for this instruction set that a file without it might
+// share.
 constexpr int kGates = 4;
 
 struct PaddedUnits {
@@ -588,8 +559,8 @@ void pointwise_forward(
   const GateRows<float> gates = gate_rows(gates_row, hidden_size);
   const GateRows<const float> bias_rows = gate_rows(bias, hidden_size);
   const int64_t done = bias != nullptr
-      ? forward_units<Float8Lanes, true>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
-      : forward_units<Float8Lanes, false>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
+      ? cpu::forward_units<VecLanes, true>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
+      : cpu::forward_units<VecLanes, false>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
   const int64_t count = end - done;
   if (count == 0) {
     return;
@@ -600,7 +571,7 @@ void pointwise_forward(
     copy_gates_in(pad.bias, bias_rows, done, count);
   }
   std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(float));
-  forward_units<Float8Lanes, true>(
+  cpu::forward_units<VecLanes, true>(
       padded_rows(pad.gates), as_const(padded_rows(pad.bias)), pad.cell_prev, pad.cell_next, pad.hidden_next, 0, kLanes);
   copy_gates_out(gates, pad.gates, done, count);
   std::memcpy(cell_next + done, pad.cell_next, count * sizeof(float));
@@ -624,7 +595,7 @@ void pointwise_backward(
   const GateRows<const float> gates = gate_rows(gates_row, hidden_size);
   const GateRows<const float> grad_gates = gate_rows(grad_gates_row, hidden_size);
   const GateRows<float> grad_preactivation = gate_rows(grad_preactivation_row, hidden_size);
-  const auto units = backward_units_for<Float8Lanes>(true, true, grad_gates_row != nullptr);
+  const auto units = backward_units_for<VecLanes>(true, true, grad_gates_row != nullptr);
   const int64_t done =
       units(gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
   const int64_t count = end - done;
@@ -640,7 +611,7 @@ void pointwise_backward(
   std::memcpy(pad.cell_next, cell_next + done, count * sizeof(float));
   std::memcpy(pad.grad_hidden, grad_hidden + done, count * sizeof(float));
   std::memcpy(pad.grad_cell, grad_cell + done, count * sizeof(float));
-  backward_units<Float8Lanes, true, true, true>(
+  cpu::backward_units<VecLanes, true, true, true>(
       as_const(padded_rows(pad.gates)), as_const(padded_rows(pad.grad_gates)), pad.cell_prev, pad.cell_next,
       pad.grad_hidden, pad.grad_cell, padded_rows(pad.grad_preactivation), pad.grad_cell_prev, 0, kLanes);
   copy_gates_out(grad_preactivation, pad.grad_preactivation, done, count);
@@ -648,14 +619,6 @@ void pointwise_backward(
 }
 
 // --- threads ---
-
-// Runs fn(thread, num_threads) on a team of `threads`. Always a parallel region, even of one
-// thread, so that the barriers inside fn bind to this team and never to a caller's.
-template <typename Fn>
-void run_on_threads(int threads, const Fn& fn) {
-#pragma omp parallel num_threads(std::max(threads, 1))
-  fn(omp_get_thread_num(), omp_get_num_threads());
-}
 
 // The hidden units [first, end) a thread owns: equal shares in whole vectors.
 std::pair<int64_t, int64_t> unit_range(int64_t hidden_size, int thread, int num_threads) {
@@ -671,16 +634,6 @@ void for_each_gate_rows(int64_t hidden_size, int64_t first, int64_t end, const F
   for (int gate = 0; gate < kGates; ++gate) {
     fn(gate * hidden_size + first, gate * hidden_size + end);
   }
-}
-
-}  // namespace
-
-bool handles_cell(int64_t batch) {
-  return batch <= kMaxCellBatch && have_avx2();
-}
-
-bool handles_sequence(int64_t batch) {
-  return batch <= kMaxSequenceBatch && have_avx2();
 }
 
 int64_t panel_count(int64_t hidden_size) {
@@ -726,15 +679,6 @@ void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels
   }
 }
 
-int threads_for(int64_t multiply_adds, int max_threads) {
-  // Threads meet at a barrier every step (a few microseconds); below about 2^16 multiply-adds a
-  // step (a few microseconds of work) a second thread cannot pay for it. A floor rather than a
-  // tuned value: on the 2-core VM this path was written on, a second thread gained little at any
-  // size (nn.LSTM there also ran slower on two threads than on one).
-  constexpr int64_t kMultiplyAddsPerThread = int64_t{1} << 16;
-  return static_cast<int>(std::clamp<int64_t>(multiply_adds / kMultiplyAddsPerThread, 1, std::max(max_threads, 1)));
-}
-
 void cell_forward(const CellForward& a, int threads) {
   const int64_t gate_width = 4 * a.hidden_size;
   const float* input_rows[kMaxBatch];
@@ -743,7 +687,7 @@ void cell_forward(const CellForward& a, int threads) {
     input_rows[b] = a.input + b * a.input_size;
     hidden_rows[b] = a.hx + b * a.hidden_size;
   }
-  run_on_threads(threads, [&](int thread, int num_threads) {
+  run_team(threads, [&](int thread, int num_threads) {
     const auto [first, end] = unit_range(a.hidden_size, thread, num_threads);
     if (first >= end) {
       return;
@@ -777,7 +721,7 @@ void cell_backward_products(const CellBackwardProducts& a, int threads) {
   }
   // No barrier needed: a thread writes its own weight-gradient rows, its own columns of
   // grad_input and grad_hx, and its own share of grad_bias; everything it reads is input.
-  run_on_threads(threads, [&](int thread, int num_threads) {
+  run_team(threads, [&](int thread, int num_threads) {
     const auto share = [&](int64_t n) {
       const int64_t per_thread = (n + num_threads - 1) / num_threads;
       const int64_t first = std::min(n, thread * per_thread);
@@ -852,11 +796,18 @@ SequenceShare share_sequence(int64_t batch, int64_t hidden_size, int thread, int
   return {first, end, 0, batch, num_threads > 1};
 }
 
+// A split whose threads meet every step needs threads that wait for each other: where the
+// threading has none (a build without OpenMP), the sequence runs on one thread.
+int team_size(int64_t batch, int64_t hidden_size, int threads) {
+  return !teams_can_meet() && share_sequence(batch, hidden_size, 0, threads).meets_every_step ? 1 : threads;
+}
+
 void sequence_forward(const SequenceForward& a, int threads) {
   const int64_t hidden_size = a.hidden_size;
   const int64_t gate_width = 4 * hidden_size;
   const int64_t batch = widest_step(a.steps, a.num_steps);
-  run_on_threads(threads, [&](int thread, int num_threads) {
+  threads = team_size(batch, hidden_size, threads);
+  run_team(threads, [&](int thread, int num_threads) {
     const SequenceShare share = share_sequence(batch, hidden_size, thread, num_threads);
     const int64_t first = share.first_unit, end = share.end_unit;
     const float* hidden_prev[kMaxBatch];
@@ -865,7 +816,7 @@ void sequence_forward(const SequenceForward& a, int threads) {
       // Step k reads every unit of the hidden states step k - 1 wrote, whichever thread wrote them.
       // Every thread passes every barrier, including one that owns no units.
       if (k > 0 && share.meets_every_step) {
-#pragma omp barrier
+        team_barrier();
       }
       const int64_t rows = share.rows_at(step);
       if (rows == 0) {
@@ -900,7 +851,8 @@ void sequence_backward(const SequenceBackward& a, int threads) {
   const int64_t hidden_size = a.hidden_size;
   const int64_t gate_width = 4 * hidden_size;
   const int64_t batch = widest_step(a.steps, a.num_steps);
-  run_on_threads(threads, [&](int thread, int num_threads) {
+  threads = team_size(batch, hidden_size, threads);
+  run_team(threads, [&](int thread, int num_threads) {
     // A thread owns its share's units of its share's rows: their gradients in grad_hidden and
     // grad_cell, their gate columns of grad_preactivations, the same part of grad_hx and grad_cx.
     const SequenceShare share = share_sequence(batch, hidden_size, thread, num_threads);
@@ -936,7 +888,7 @@ void sequence_backward(const SequenceBackward& a, int threads) {
       }
       // The product below reads every gate column of this step's gradients.
       if (share.meets_every_step) {
-#pragma omp barrier
+        team_barrier();
       }
       if (rows == 0) {
         continue;
@@ -957,6 +909,22 @@ void sequence_backward(const SequenceBackward& a, int threads) {
   });
 }
 
-}  // namespace small_batch
+}  // namespace
+
+const Kernels table = {
+    kCapabilityName,
+    gate_panels_size,
+    unit_panels_size,
+    pack_gate_panels,
+    pack_unit_panels,
+    cell_forward,
+    cell_backward_products,
+    sequence_forward,
+    sequence_backward,
+    forward_units,
+    backward_units,
+};
+
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace lstm_fused

@@ -1,0 +1,202 @@
+// Chooses, once per process, which instruction set's kernels (kernels/, compiled once for each)
+// run: the widest this CPU has, or the one LSTM_FUSED_CPU_CAPABILITY names, as ATen's
+// ATEN_CPU_CAPABILITY does for its own kernels. The only file that asks the CPU what it has.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "capability.h"
+#include "kernels/kernels.h"
+#include "small_batch.h"
+
+namespace lstm_fused {
+namespace cpu {
+
+// setup.py defines LSTM_FUSED_KERNELS_<NAME> for each instruction set it compiled kernels/ for.
+#if defined(LSTM_FUSED_KERNELS_AVX512)
+namespace AVX512 {
+extern const Kernels table;
+}
+#endif
+#if defined(LSTM_FUSED_KERNELS_AVX2)
+namespace AVX2 {
+extern const Kernels table;
+}
+#endif
+#if defined(LSTM_FUSED_KERNELS_NEON)
+namespace NEON {
+extern const Kernels table;
+}
+#endif
+namespace DEFAULT {
+extern const Kernels table;
+}
+
+bool cpu_has(const std::string& name) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (name == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  if (name == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  }
+#endif
+#if defined(__aarch64__)
+  // Advanced SIMD is part of every AArch64 CPU.
+  if (name == "neon") {
+    return true;
+  }
+#endif
+  return name == "default";
+}
+
+namespace {
+
+// Widest first.
+std::vector<const Kernels*> compiled() {
+  std::vector<const Kernels*> tables;
+#if defined(LSTM_FUSED_KERNELS_AVX512)
+  tables.push_back(&AVX512::table);
+#endif
+#if defined(LSTM_FUSED_KERNELS_AVX2)
+  tables.push_back(&AVX2::table);
+#endif
+#if defined(LSTM_FUSED_KERNELS_NEON)
+  tables.push_back(&NEON::table);
+#endif
+  tables.push_back(&DEFAULT::table);
+  return tables;
+}
+
+std::vector<const Kernels*> supported() {
+  std::vector<const Kernels*> tables;
+  for (const Kernels* table : compiled()) {
+    if (cpu_has(table->name)) {
+      tables.push_back(table);
+    }
+  }
+  return tables;
+}
+
+std::string names(const std::vector<const Kernels*>& tables) {
+  std::string joined;
+  for (const Kernels* table : tables) {
+    joined += (joined.empty() ? "" : ", ") + std::string(table->name);
+  }
+  return joined;
+}
+
+const Kernels& find(const std::string& name, const char* asked_by) {
+  for (const Kernels* table : supported()) {
+    if (name == table->name) {
+      return *table;
+    }
+  }
+  const auto built = compiled();
+  const bool is_built = std::any_of(built.begin(), built.end(), [&](const Kernels* t) { return name == t->name; });
+  TORCH_CHECK(
+      false, asked_by, " asks for the CPU path '", name, "', which ",
+      is_built ? "this CPU lacks" : "this build of lstm_fused does not have", "; the paths this CPU can run: ",
+      names(supported()), ".");
+}
+
+const Kernels& chosen_at_start() {
+  const char* forced = std::getenv("LSTM_FUSED_CPU_CAPABILITY");
+  if (forced != nullptr && *forced != '\0') {
+    return find(forced, "LSTM_FUSED_CPU_CAPABILITY");
+  }
+  return *supported().front();
+}
+
+std::atomic<const Kernels*>& current() {
+  // Chosen on first use; a bad LSTM_FUSED_CPU_CAPABILITY throws here, and again on every call.
+  static std::atomic<const Kernels*> table{&chosen_at_start()};
+  return table;
+}
+
+std::string cpu_capability() {
+  return current().load()->name;
+}
+
+std::vector<std::string> supported_cpu_capabilities() {
+  std::vector<std::string> list;
+  for (const Kernels* table : supported()) {
+    list.emplace_back(table->name);
+  }
+  return list;
+}
+
+// For the tests, which run every path in one process: makes `name` current and returns the
+// previous one's name. Not for use while another thread is inside a kernel.
+std::string set_cpu_capability(const std::string& name) {
+  const Kernels& table = find(name, "_set_cpu_capability");
+  return current().exchange(&table)->name;
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  return *current().load(std::memory_order_relaxed);
+}
+
+namespace small_batch {
+
+// The path runs on every instruction set (the portable one included): the batch alone decides.
+bool handles_cell(int64_t batch) {
+  return batch <= kMaxCellBatch;
+}
+
+bool handles_sequence(int64_t batch) {
+  return batch <= kMaxSequenceBatch;
+}
+
+int threads_for(int64_t multiply_adds, int max_threads) {
+  // Threads meet at a barrier every step (a few microseconds); below about 2^16 multiply-adds a
+  // step (a few microseconds of work) a second thread cannot pay for it. A floor rather than a
+  // tuned value: on the 2-core VM this path was written on, a second thread gained little at any
+  // size (nn.LSTM there also ran slower on two threads than on one).
+  constexpr int64_t kMultiplyAddsPerThread = int64_t{1} << 16;
+  return static_cast<int>(std::clamp<int64_t>(multiply_adds / kMultiplyAddsPerThread, 1, std::max(max_threads, 1)));
+}
+
+int64_t gate_panels_size(int64_t hidden_size) {
+  return kernels().gate_panels_size(hidden_size);
+}
+int64_t unit_panels_size(int64_t hidden_size) {
+  return kernels().unit_panels_size(hidden_size);
+}
+void pack_gate_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
+  kernels().pack_gate_panels(weight_hh, hidden_size, panels);
+}
+void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
+  kernels().pack_unit_panels(weight_hh, hidden_size, panels);
+}
+void cell_forward(const CellForward& args, int threads) {
+  kernels().cell_forward(args, threads);
+}
+void cell_backward_products(const CellBackwardProducts& args, int threads) {
+  kernels().cell_backward_products(args, threads);
+}
+void sequence_forward(const SequenceForward& args, int threads) {
+  kernels().sequence_forward(args, threads);
+}
+void sequence_backward(const SequenceBackward& args, int threads) {
+  kernels().sequence_backward(args, threads);
+}
+
+}  // namespace small_batch
+
+TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
+  m.def("cpu_capability() -> str", &cpu_capability);
+  m.def("_supported_cpu_capabilities() -> str[]", &supported_cpu_capabilities);
+  m.def("_set_cpu_capability(str name) -> str", &set_cpu_capability);
+}
+
+}  // namespace cpu
+}  // namespace lstm_fused

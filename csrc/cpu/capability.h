@@ -1,0 +1,14 @@
+// What the CPU can run, asked in one place (capability.cpp), for the code outside kernels/ whose
+// choice of library depends on it.
+#pragma once
+
+#include <string>
+
+namespace lstm_fused {
+namespace cpu {
+
+// Whether this CPU runs the instruction set `name` ("avx512", "avx2", "neon", "default").
+bool cpu_has(const std::string& name);
+
+}  // namespace cpu
+}  // namespace lstm_fused

@@ -1,0 +1,299 @@
+// Vec: the float vector of the instruction set this file is compiled for, with just the
+// operations the kernels of this folder use. Every .cpp here is compiled once per instruction set
+// (setup.py: default, avx2 and avx512 on x86; default and neon on aarch64), with CPU_CAPABILITY
+// naming it and CPU_CAPABILITY_<NAME> defined; the kernels are written once over Vec.
+//
+// Include no ATen or c10 header in this folder: an inline function of theirs compiled here with
+// AVX-512 could be the copy the linker keeps for every file, and run on a CPU without it.
+// Everything below has internal linkage for the same reason.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#elif defined(CPU_CAPABILITY_NEON)
+#include <arm_neon.h>
+#endif
+
+// Under AddressSanitizer the partial loads and stores go element by element: ASan does not see
+// the lanes a masked vector instruction touches, and a tail is where an over-read would hide.
+#if defined(__SANITIZE_ADDRESS__)
+#define LSTM_FUSED_SCALAR_TAILS 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LSTM_FUSED_SCALAR_TAILS 1
+#endif
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Sleef's vector math, exported by libtorch_cpu (ATen's own vectorised exp and tanh): the
+// width-specific variants directly, since Sleef's dispatching entry point costs an indirect call
+// per vector. tanh is the 3.5-ulp variant, half the time of the 1-ulp one (at hidden 128 the 1-ulp
+// tanh took as long as the recurrent product); both are far inside float32's tolerance (1e-5).
+extern "C" {
+__m256 Sleef_expf8_u10avx2(__m256);
+__m256 Sleef_tanhf8_u35avx2(__m256);
+}
+#elif defined(CPU_CAPABILITY_AVX512)
+extern "C" {
+__m512 Sleef_expf16_u10avx512f(__m512);
+__m512 Sleef_tanhf16_u35avx512f(__m512);
+}
+#elif defined(CPU_CAPABILITY_NEON)
+extern "C" {
+float32x4_t Sleef_expf4_u10advsimd(float32x4_t);
+float32x4_t Sleef_tanhf4_u35advsimd(float32x4_t);
+}
+#endif
+
+namespace lstm_fused {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr const char* kCapabilityName = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr const char* kCapabilityName = "avx2";
+#elif defined(CPU_CAPABILITY_NEON)
+constexpr const char* kCapabilityName = "neon";
+#else
+constexpr const char* kCapabilityName = "default";
+#endif
+
+// Lanes [0, count) of a vector: the last, partial vector of a row.
+struct Tail {
+  int64_t count;
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+
+struct Vec {
+  static constexpr int64_t kWidth = 8;
+  static constexpr int kRegisters = 16;
+  __m256 v;
+  Vec() = default;
+  Vec(__m256 lanes) : v(lanes) {}
+  Vec(float broadcast) : v(_mm256_set1_ps(broadcast)) {}
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+inline Vec operator+(Vec a, Vec b) { return _mm256_add_ps(a.v, b.v); }
+inline Vec operator-(Vec a, Vec b) { return _mm256_sub_ps(a.v, b.v); }
+inline Vec operator*(Vec a, Vec b) { return _mm256_mul_ps(a.v, b.v); }
+inline Vec operator/(Vec a, Vec b) { return _mm256_div_ps(a.v, b.v); }
+inline Vec operator-(Vec a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
+inline Vec exp_(Vec x) { return Sleef_expf8_u10avx2(x.v); }
+inline Vec tanh_(Vec x) { return Sleef_tanhf8_u35avx2(x.v); }
+// Makes v a register value: without it GCC folds a vector used by two FMAs into both as a memory
+// operand, loading it twice, and a dot-product loop becomes load-bound.
+inline void keep_in_register(Vec& x) { asm("" : "+x"(x.v)); }
+
+inline float sum(Vec x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The horizontal sums of a, b, c, d into out[0..4).
+inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a.v, b.v), _mm256_hadd_ps(c.v, d.v));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+
+#ifndef LSTM_FUSED_SCALAR_TAILS
+struct Mask {
+  __m256i lanes;
+  explicit Mask(Tail tail)
+      : lanes(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(tail.count, 0, 8))),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))) {}
+};
+inline Vec load(const float* p, const Mask& m) { return _mm256_maskload_ps(p, m.lanes); }
+inline void store(float* p, Vec x, const Mask& m) { _mm256_maskstore_ps(p, m.lanes, x.v); }
+#endif
+
+#elif defined(CPU_CAPABILITY_AVX512)
+
+struct Vec {
+  static constexpr int64_t kWidth = 16;
+  static constexpr int kRegisters = 32;
+  __m512 v;
+  Vec() = default;
+  Vec(__m512 lanes) : v(lanes) {}
+  Vec(float broadcast) : v(_mm512_set1_ps(broadcast)) {}
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+inline Vec operator+(Vec a, Vec b) { return _mm512_add_ps(a.v, b.v); }
+inline Vec operator-(Vec a, Vec b) { return _mm512_sub_ps(a.v, b.v); }
+inline Vec operator*(Vec a, Vec b) { return _mm512_mul_ps(a.v, b.v); }
+inline Vec operator/(Vec a, Vec b) { return _mm512_div_ps(a.v, b.v); }
+inline Vec operator-(Vec a) {
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)));
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+inline Vec exp_(Vec x) { return Sleef_expf16_u10avx512f(x.v); }
+inline Vec tanh_(Vec x) { return Sleef_tanhf16_u35avx512f(x.v); }
+inline void keep_in_register(Vec& x) { asm("" : "+v"(x.v)); }
+
+// The two halves added: 8 lanes.
+inline __m256 fold(__m512 x) {
+  return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+
+inline float sum(Vec x) {
+  const __m256 half = fold(x.v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(fold(a.v), fold(b.v)), _mm256_hadd_ps(fold(c.v), fold(d.v)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+}
+
+#ifndef LSTM_FUSED_SCALAR_TAILS
+struct Mask {
+  __mmask16 lanes;
+  explicit Mask(Tail tail)
+      : lanes(static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(tail.count, 0, 16)) - 1)) {}
+};
+inline Vec load(const float* p, const Mask& m) { return _mm512_maskz_loadu_ps(m.lanes, p); }
+inline void store(float* p, Vec x, const Mask& m) { _mm512_mask_storeu_ps(p, m.lanes, x.v); }
+#endif
+
+#elif defined(CPU_CAPABILITY_NEON)
+
+struct Vec {
+  static constexpr int64_t kWidth = 4;
+  static constexpr int kRegisters = 32;
+  float32x4_t v;
+  Vec() = default;
+  Vec(float32x4_t lanes) : v(lanes) {}
+  Vec(float broadcast) : v(vdupq_n_f32(broadcast)) {}
+  static Vec load(const float* p) { return vld1q_f32(p); }
+  static Vec broadcast(const float* p) { return vld1q_dup_f32(p); }
+  void store(float* p) const { vst1q_f32(p, v); }
+};
+inline Vec operator+(Vec a, Vec b) { return vaddq_f32(a.v, b.v); }
+inline Vec operator-(Vec a, Vec b) { return vsubq_f32(a.v, b.v); }
+inline Vec operator*(Vec a, Vec b) { return vmulq_f32(a.v, b.v); }
+inline Vec operator/(Vec a, Vec b) { return vdivq_f32(a.v, b.v); }
+inline Vec operator-(Vec a) { return vnegq_f32(a.v); }
+inline Vec fma(Vec a, Vec b, Vec c) { return vfmaq_f32(c.v, a.v, b.v); }
+inline Vec exp_(Vec x) { return Sleef_expf4_u10advsimd(x.v); }
+inline Vec tanh_(Vec x) { return Sleef_tanhf4_u35advsimd(x.v); }
+inline void keep_in_register(Vec& x) { asm("" : "+w"(x.v)); }
+inline float sum(Vec x) { return vaddvq_f32(x.v); }
+inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
+  const float32x4_t ab = vpaddq_f32(a.v, b.v);
+  const float32x4_t cd = vpaddq_f32(c.v, d.v);
+  vst1q_f32(out, vpaddq_f32(ab, cd));
+}
+
+#else  // default: plain C++ the compiler vectorises for the baseline (SSE2 on x86-64)
+
+struct Vec {
+  static constexpr int64_t kWidth = 4;
+  static constexpr int kRegisters = 16;
+  float v[kWidth];
+  Vec() = default;
+  Vec(float broadcast) {
+    for (float& x : v) x = broadcast;
+  }
+  static Vec load(const float* p) {
+    Vec r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  static Vec broadcast(const float* p) { return Vec(*p); }
+  void store(float* p) const { std::memcpy(p, v, sizeof(v)); }
+};
+template <typename Op>
+inline Vec lanewise(Vec a, Vec b, Op op) {
+  Vec r;
+  for (int64_t i = 0; i < Vec::kWidth; ++i) r.v[i] = op(a.v[i], b.v[i]);
+  return r;
+}
+inline Vec operator+(Vec a, Vec b) { return lanewise(a, b, [](float x, float y) { return x + y; }); }
+inline Vec operator-(Vec a, Vec b) { return lanewise(a, b, [](float x, float y) { return x - y; }); }
+inline Vec operator*(Vec a, Vec b) { return lanewise(a, b, [](float x, float y) { return x * y; }); }
+inline Vec operator/(Vec a, Vec b) { return lanewise(a, b, [](float x, float y) { return x / y; }); }
+inline Vec operator-(Vec a) { return lanewise(a, a, [](float x, float) { return -x; }); }
+inline Vec fma(Vec a, Vec b, Vec c) {
+  Vec r;
+  for (int64_t i = 0; i < Vec::kWidth; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+  return r;
+}
+inline void keep_in_register(Vec&) {}
+inline float sum(Vec x) {
+  float s = 0.0f;
+  for (float e : x.v) s += e;
+  return s;
+}
+inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
+  out[0] = sum(a);
+  out[1] = sum(b);
+  out[2] = sum(c);
+  out[3] = sum(d);
+}
+
+#endif
+
+#if !(defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON))
+// exp and tanh lane by lane (libm): the portable path calls no instruction set's Sleef.
+inline Vec exp_(Vec x) {
+  float lanes[Vec::kWidth];
+  x.store(lanes);
+  for (float& e : lanes) e = std::exp(e);
+  return Vec::load(lanes);
+}
+inline Vec tanh_(Vec x) {
+  float lanes[Vec::kWidth];
+  x.store(lanes);
+  for (float& e : lanes) e = std::tanh(e);
+  return Vec::load(lanes);
+}
+#endif
+
+#if defined(LSTM_FUSED_SCALAR_TAILS) || !(defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
+// A partial vector through a zeroed buffer: the element-wise copies touch exactly the lanes asked.
+struct Mask {
+  int64_t count;
+  explicit Mask(Tail tail) : count(std::clamp<int64_t>(tail.count, 0, Vec::kWidth)) {}
+};
+inline Vec load(const float* p, const Mask& m) {
+  float lanes[Vec::kWidth] = {};
+  for (int64_t i = 0; i < m.count; ++i) lanes[i] = p[i];
+  return Vec::load(lanes);
+}
+inline void store(float* p, Vec x, const Mask& m) {
+  float lanes[Vec::kWidth];
+  x.store(lanes);
+  for (int64_t i = 0; i < m.count; ++i) p[i] = lanes[i];
+}
+#endif
+
+// The lanes policy cell_units.h's loops run with: Vec::kWidth units at a time.
+struct VecLanes {
+  using storage = float;
+  using value = Vec;
+  static constexpr int64_t width = Vec::kWidth;
+  static value load(const float* p) { return Vec::load(p); }
+  static void store(float* p, value v) { v.store(p); }
+};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace lstm_fused

@@ -1,0 +1,142 @@
+"""The CPU kernels under every instruction set this machine can run (csrc/cpu/kernels, compiled once
+per set): the cell and the sequence against nn.LSTMCell and nn.LSTM in float32, at widths that
+leave tails for every vector width (16 floats for AVX-512, 8 for AVX2, 4 for NEON and the portable
+path), on one and two threads (the split by units, which meets at a barrier every step, and the
+split by rows). The rest of the suite runs under the widest path; .ci/sanitize runs it under
+each."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_fused as lf
+
+CAPABILITIES = lf.supported_cpu_capabilities()
+ALL_NAMES = ["avx512", "avx2", "neon", "default"]
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request):
+    previous = torch.ops.lstm_fused._set_cpu_capability(request.param)
+    try:
+        assert lf.cpu_capability() == request.param
+        yield request.param
+    finally:
+        torch.ops.lstm_fused._set_cpu_capability(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def test_default_is_the_widest_supported():
+    assert CAPABILITIES, "no CPU path at all"
+    assert CAPABILITIES[-1] == "default"
+    assert set(CAPABILITIES) <= set(ALL_NAMES)
+    assert lf.cpu_capability() == CAPABILITIES[0] or os.environ.get("LSTM_FUSED_CPU_CAPABILITY")
+
+
+# Batch 1-16 takes the fused small-batch path of the cell; the sizes leave tails of every width,
+# batch 2 and 3 the last row blocks, (8, 64, 64) and (16, 40, 130) enough work for two threads.
+@pytest.mark.parametrize("batch, input_size, hidden_size", [
+    (1, 1, 1), (1, 17, 3), (2, 5, 31), (3, 33, 17), (8, 64, 64), (16, 40, 130), (20, 9, 37),
+])
+def test_cell_matches_nn(helpers, capability, threads, batch, input_size, hidden_size):
+    torch_cell, fused_cell, _ = helpers.cells(input_size, hidden_size, True, torch.float32)
+    input = helpers.randn(batch, input_size)
+    h_0, c_0 = helpers.state(batch, hidden_size)
+    weight_h, weight_c = helpers.state(batch, hidden_size)
+    results = []
+    for cell in (torch_cell, fused_cell):
+        x, h, c = helpers.leaves([input, h_0, c_0])
+        hy, cy = cell(x, (h, c))
+        loss = (hy * weight_h).sum() + (cy * weight_c).sum()
+        results.append([hy, cy, *torch.autograd.grad(loss, [x, h, c, *cell.parameters()])])
+    for actual, expected in zip(results[1], results[0], strict=True):
+        helpers.assert_close(actual, expected)
+
+
+def _packed(helpers, lengths, input_size):
+    sequences = [helpers.randn(length, input_size) for length in lengths]
+    return nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+
+
+# The sequence's recurrence: batch <= 64 takes the small-batch path. Batch 4 at hidden 130 splits
+# two threads by units (a barrier per step, a share that ends in a tail); batch 9 at hidden 40 by
+# rows; batch 1 runs on one thread whatever is asked; 70 is past the path.
+@pytest.mark.parametrize("lengths, input_size, hidden_size", [
+    ([3], 2, 1), ([5, 2, 4, 1], 7, 130), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 40), ([4] * 70, 3, 19),
+])
+def test_sequence_matches_nn(helpers, capability, threads, lengths, input_size, hidden_size):
+    torch_lstm = nn.LSTM(input_size, hidden_size, bidirectional=True)
+    fused_lstm = lf.LSTM(input_size, hidden_size, bidirectional=True)
+    fused_lstm.load_state_dict(torch_lstm.state_dict())
+    packed = _packed(helpers, lengths, input_size)
+    h_0, c_0 = (helpers.randn(2, len(lengths), hidden_size) for _ in range(2))
+    results = []
+    for lstm in (torch_lstm, fused_lstm):
+        data, h, c = helpers.leaves([packed.data, h_0, c_0])
+        x = nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        output, (h_n, c_n) = lstm(x, (h, c))
+        weights = torch.linspace(-1, 1, output.data.numel()).view_as(output.data)
+        loss = (output.data * weights).sum() + (h_n * 0.5).sum() + (c_n ** 2).sum()
+        results.append([output.data, h_n, c_n, *torch.autograd.grad(loss, [data, h, c, *lstm.parameters()])])
+    for actual, expected in zip(results[1], results[0], strict=True):
+        helpers.assert_close(actual, expected)
+
+
+def test_each_path_gives_its_own_results(helpers):
+    """The paths are separate code: a wider one's rounding differs from the portable one's, which
+    shows that switching really changes the kernel that runs (both still match nn to 1e-5)."""
+    if len(CAPABILITIES) < 2:
+        pytest.skip("this CPU has one path only")
+    _, fused_cell, _ = helpers.cells(67, 129, True, torch.float32)
+    input = helpers.randn(3, 67)
+    state = helpers.state(3, 129)
+    outputs = {}
+    for name in CAPABILITIES:
+        previous = torch.ops.lstm_fused._set_cpu_capability(name)
+        try:
+            outputs[name] = fused_cell(input, state)[0]
+        finally:
+            torch.ops.lstm_fused._set_cpu_capability(previous)
+    assert not torch.equal(outputs[CAPABILITIES[0]], outputs["default"])
+    for name in CAPABILITIES:
+        helpers.assert_close(outputs[name], outputs["default"])
+
+
+def _import_with(value):
+    env = {**os.environ, "LSTM_FUSED_CPU_CAPABILITY": value}
+    code = "import lstm_fused as lf; print(lf.cpu_capability())"
+    # From the tests folder, so the source tree cannot shadow the package under test.
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), timeout=300)
+
+
+@pytest.mark.parametrize("name", CAPABILITIES)
+def test_environment_forces_a_supported_path(name):
+    result = _import_with(name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == name
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if n not in CAPABILITIES] + ["sse9"])
+def test_environment_asking_for_a_missing_path_fails_the_import(name):
+    result = _import_with(name)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("ImportError: LSTM_FUSED_CPU_CAPABILITY asks for the CPU path"), message
+    assert f"'{name}'" in message and ", ".join(CAPABILITIES) in message
+
+
+def test_switching_to_a_missing_path_is_an_error():
+    with pytest.raises(RuntimeError, match="asks for the CPU path 'sse9'"):
+        torch.ops.lstm_fused._set_cpu_capability("sse9")
+    assert lf.cpu_capability() in CAPABILITIES
