@@ -43,7 +43,8 @@ def test_default_is_the_widest_supported():
     assert lf.cpu_capability() == CAPABILITIES[0] or os.environ.get("LSTM_FUSED_CPU_CAPABILITY")
 
 
-# Batch 1-16 takes the fused small-batch path of the cell; the sizes leave tails of every width,
+# Batch 1-16 takes the fused small-batch path of the cell (on the vector paths; the portable one
+# sends the products to BLAS and runs its own pointwise loops); the sizes leave tails of every width,
 # batch 2 and 3 the last row blocks, (8, 64, 64) and (16, 40, 130) enough work for two threads.
 @pytest.mark.parametrize("batch, input_size, hidden_size", [
     (1, 1, 1), (1, 17, 3), (2, 5, 31), (3, 33, 17), (8, 64, 64), (16, 40, 130), (20, 9, 37),
