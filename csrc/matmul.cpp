@@ -65,6 +65,19 @@ bool uses_onednn(int64_t rows, const at::Tensor& weight, int64_t threshold = kMu
       onednn_linear_op().has_value();
 }
 
+// bfloat16 products already reach oneDNN through at::mm; what a repeated product gains from the op
+// is the weight reordered once rather than at every call. oneDNN builds bfloat16 primitives only
+// on CPUs with AVX-512 (AVX512-BF16 or AMX where present); elsewhere at::mm keeps its own route.
+bool reorders_bfloat16(const at::Tensor& weight) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool onednn_has_bfloat16 = cpu::cpu_has("avx512");
+#else
+  static const bool onednn_has_bfloat16 = false;  // aarch64 oneDNN (ACL) bfloat16 is not measured here
+#endif
+  return onednn_has_bfloat16 && weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 &&
+      at::globalContext().userEnabledMkldnn() && onednn_linear_op().has_value();
+}
+
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   // The op reads a strided bias as if it were contiguous (NaN or garbage, found by the
   // non-contiguous parity tests), so bias and x go in contiguous (no copy when they already are).
@@ -126,7 +139,8 @@ std::vector<at::Tensor> transposed_products(const at::Tensor& left, const std::v
 }
 
 at::Tensor prepare_repeated_weight(const at::Tensor& weight, int64_t batch, int64_t uses) {
-  if (uses < kUsesWorthReordering || !uses_onednn(batch, weight) || !onednn_reorder_op().has_value()) {
+  if (uses < kUsesWorthReordering || !(uses_onednn(batch, weight) || reorders_bfloat16(weight)) ||
+      !onednn_reorder_op().has_value()) {
     return weight;
   }
   return onednn_reorder_op()->call(weight, batch);

@@ -141,3 +141,57 @@ def test_switching_to_a_missing_path_is_an_error():
     with pytest.raises(RuntimeError, match="asks for the CPU path 'sse9'"):
         torch.ops.lstm_fused._set_cpu_capability("sse9")
     assert lf.cpu_capability() in CAPABILITIES
+
+
+def _rounded_reference(gates, cell_prev, bias):
+    """The cell's pointwise step as the kernels define it for bfloat16 and float16: inputs widened to
+    float32, float32 math, each output rounded once to the dtype."""
+    i, f, g, o = (gates.float() + bias.float()).chunk(4, dim=1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    cell = f * cell_prev.float() + i * g
+    return torch.cat([i, f, g, o], dim=1), cell, o * cell.tanh()
+
+
+# Widths 1-35 leave every tail of 16, 8 and 4 lanes; the rounding of one conversion differs from the
+# dtype's round-to-nearest-even in about half the elements, so "almost all equal" catches it.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden_size", [1, 5, 16, 35])
+def test_reduced_precision_pointwise_rounds_as_torch(helpers, capability, dtype, hidden_size):
+    batch = 6
+    gates = (helpers.randn(batch, 4 * hidden_size, dtype=torch.float64) * 2).to(dtype)
+    cell_prev = helpers.randn(batch, hidden_size, dtype=torch.float64).to(dtype)
+    bias = helpers.randn(4 * hidden_size, dtype=torch.float64).to(dtype)
+    gates[0, 0] = float("nan")  # a NaN stays NaN (bfloat16: 0x7FC0, as c10 rounds it)
+    activated, cell_next, hidden_next = _rounded_reference(gates, cell_prev, bias)
+
+    kernel_gates = gates.clone()
+    hy, cy = torch.empty(batch, hidden_size, dtype=dtype), torch.empty(batch, hidden_size, dtype=dtype)
+    torch.ops.lstm_fused.cell_pointwise_(kernel_gates, cell_prev, bias, hy, cy)
+    for actual, expected in ((kernel_gates, activated), (cy, cell_next), (hy, hidden_next)):
+        expected = expected.to(dtype)
+        assert torch.isnan(actual).equal(torch.isnan(expected))
+        finite = ~torch.isnan(expected)
+        # exp and tanh (Sleef in the vector loops, libm in the scalar one) may differ by an ulp of
+        # float32, which moves a rounding to the dtype in rare elements: at most 1 ulp of the dtype.
+        ulp = torch.finfo(dtype).eps * expected[finite].float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((actual[finite].float() - expected[finite].float()).abs() <= ulp * 1.01).all()
+        assert (actual[finite] == expected[finite]).float().mean() >= 0.97
+
+    # Backward: the gate gradients against autograd through the same float32 formulas.
+    grad_hidden = helpers.randn(batch, hidden_size, dtype=torch.float64).to(dtype)
+    grad_cell = helpers.randn(batch, hidden_size, dtype=torch.float64).to(dtype)
+    pre = (gates.float() + bias.float()).nan_to_num(0.5).requires_grad_()
+    c_prev = cell_prev.float().requires_grad_()
+    i, f, g, o = pre.chunk(4, dim=1)
+    c = f.sigmoid() * c_prev + i.sigmoid() * g.tanh()
+    h = o.sigmoid() * c.tanh()
+    expected_pre, expected_c_prev = torch.autograd.grad(
+        [h, c], [pre, c_prev], [grad_hidden.float(), grad_cell.float()])
+    activated = _rounded_reference(pre.detach().to(dtype), cell_prev, torch.zeros_like(bias))
+    grad_pre, grad_c_prev = torch.ops.lstm_fused.cell_gate_grads(
+        grad_hidden, grad_cell, None, cell_prev, activated[1].to(dtype), activated[0].to(dtype))
+    # The saved gates and cell state are rounded to the dtype, so the gradients by relative error.
+    for actual, expected in ((grad_pre, expected_pre), (grad_c_prev, expected_c_prev)):
+        assert actual.dtype == dtype
+        scale = expected.abs().max()
+        assert ((actual.float() - expected).abs().max() / scale) < 8 * torch.finfo(dtype).eps

@@ -10,6 +10,15 @@
 namespace lstm_fused {
 namespace cpu {
 
+// bfloat16 and float16 by their bits: layout-compatible with c10::BFloat16 and c10::Half, which the
+// per-instruction-set kernels may not include (kernels/vec.h says why).
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct HalfBits {
+  uint16_t bits;
+};
+
 // Pointers to one row segment of each gate's quarter of a [batch, 4 * hidden] buffer.
 template <typename T>
 struct GateRows {

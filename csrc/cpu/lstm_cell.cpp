@@ -8,6 +8,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../matmul.h"
 #include "../ops.h"
 #include "cell_units.h"
@@ -50,52 +52,93 @@ void for_each_unit_range(int64_t batch, int64_t hidden_size, const Fn& fn) {
   });
 }
 
-// Only float has a vectorised loop; other dtypes start the scalar loop at the first unit.
+// The vector loops of this CPU's kernel table for a dtype, over the storage type the kernels name
+// it by (c10's types cannot appear there); float64 has none and leaves every unit to the scalar loop.
 template <typename scalar_t>
-int64_t forward_units_vectorized(
-    GateRows<scalar_t>, GateRows<const scalar_t>, const scalar_t*, scalar_t*, scalar_t*, int64_t first, int64_t) {
-  return first;
+struct VectorUnits {
+  using storage = void;
+};
+template <>
+struct VectorUnits<float> {
+  using storage = float;
+  static const cpu::PointwiseUnits<float>* of(const cpu::Kernels& k) { return k.float_units; }
+};
+template <>
+struct VectorUnits<c10::BFloat16> {
+  using storage = cpu::BFloat16Bits;
+  static const cpu::PointwiseUnits<storage>* of(const cpu::Kernels& k) { return k.bfloat16_units; }
+};
+template <>
+struct VectorUnits<c10::Half> {
+  using storage = cpu::HalfBits;
+  static const cpu::PointwiseUnits<storage>* of(const cpu::Kernels& k) { return k.half_units; }
+};
+static_assert(sizeof(c10::BFloat16) == sizeof(cpu::BFloat16Bits) && sizeof(c10::Half) == sizeof(cpu::HalfBits));
+
+template <typename T, typename scalar_t>
+T* as_storage(scalar_t* p) {
+  return reinterpret_cast<T*>(p);
+}
+template <typename T, typename scalar_t>
+const T* as_storage(const scalar_t* p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T, typename scalar_t>
+GateRows<T> as_storage(GateRows<scalar_t> rows) {
+  return {as_storage<T>(rows.input), as_storage<T>(rows.forget), as_storage<T>(rows.cell), as_storage<T>(rows.output)};
+}
+template <typename T, typename scalar_t>
+GateRows<const T> as_storage(GateRows<const scalar_t> rows) {
+  return {as_storage<T>(rows.input), as_storage<T>(rows.forget), as_storage<T>(rows.cell), as_storage<T>(rows.output)};
 }
 
+// Runs the vector forward loop where the table has one for scalar_t; returns the first unit left.
+template <typename scalar_t>
 int64_t forward_units_vectorized(
-    GateRows<float> gates,
-    GateRows<const float> bias,
-    const float* cell_prev,
-    float* cell_next,
-    float* hidden_next,
+    GateRows<scalar_t> gates,
+    GateRows<const scalar_t> bias,
+    const scalar_t* cell_prev,
+    scalar_t* cell_next,
+    scalar_t* hidden_next,
     int64_t first,
     int64_t end) {
-  return cpu::kernels().forward_units(bias.input != nullptr, gates, bias, cell_prev, cell_next, hidden_next, first, end);
+  using T = typename VectorUnits<scalar_t>::storage;
+  if constexpr (std::is_void_v<T>) {
+    return first;
+  } else {
+    const auto* units = VectorUnits<scalar_t>::of(cpu::kernels());
+    if (units->forward == nullptr) {
+      return first;
+    }
+    return units->forward(bias.input != nullptr, as_storage<T>(gates), as_storage<T>(bias), as_storage<T>(cell_prev),
+                          as_storage<T>(cell_next), as_storage<T>(hidden_next), first, end);
+  }
 }
 
 template <typename scalar_t>
 int64_t backward_units_vectorized(
-    GateRows<const scalar_t>,
-    GateRows<const scalar_t>,
-    const scalar_t*,
-    const scalar_t*,
-    const scalar_t*,
-    const scalar_t*,
-    GateRows<scalar_t>,
-    scalar_t*,
-    int64_t first,
-    int64_t) {
-  return first;
-}
-
-int64_t backward_units_vectorized(
-    GateRows<const float> gates,
-    GateRows<const float> grad_gates,
-    const float* cell_prev,
-    const float* cell_next,
-    const float* grad_hidden,
-    const float* grad_cell,
-    GateRows<float> grad_preactivation,
-    float* grad_cell_prev,
+    GateRows<const scalar_t> gates,
+    GateRows<const scalar_t> grad_gates,
+    const scalar_t* cell_prev,
+    const scalar_t* cell_next,
+    const scalar_t* grad_hidden,
+    const scalar_t* grad_cell,
+    GateRows<scalar_t> grad_preactivation,
+    scalar_t* grad_cell_prev,
     int64_t first,
     int64_t end) {
-  return cpu::kernels().backward_units(
-      gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
+  using T = typename VectorUnits<scalar_t>::storage;
+  if constexpr (std::is_void_v<T>) {
+    return first;
+  } else {
+    const auto* units = VectorUnits<scalar_t>::of(cpu::kernels());
+    if (units->backward == nullptr) {
+      return first;
+    }
+    return units->backward(as_storage<T>(gates), as_storage<T>(grad_gates), as_storage<T>(cell_prev),
+                           as_storage<T>(cell_next), as_storage<T>(grad_hidden), as_storage<T>(grad_cell),
+                           as_storage<T>(grad_preactivation), as_storage<T>(grad_cell_prev), first, end);
+  }
 }
 
 void cell_pointwise_cpu(

@@ -10,28 +10,39 @@
 namespace lstm_fused {
 namespace cpu {
 
-// The float pointwise loops of cell_units.h over whole vectors of units [first, end): they return
-// the first unit they left for the scalar loop.
+// The pointwise loops of cell_units.h over whole vectors of units [first, end), for gates and
+// states stored as T (float, BFloat16Bits, HalfBits) and computed in float vectors: they return the
+// first unit they left for the scalar loop.
+template <typename T>
 using ForwardUnitsFn = int64_t(
     bool has_bias,
-    GateRows<float> gates,
-    GateRows<const float> bias,
-    const float* cell_prev,
-    float* cell_next,
-    float* hidden_next,
+    GateRows<T> gates,
+    GateRows<const T> bias,
+    const T* cell_prev,
+    T* cell_next,
+    T* hidden_next,
     int64_t first,
     int64_t end);
+template <typename T>
 using BackwardUnitsFn = int64_t(
-    GateRows<const float> gates,
-    GateRows<const float> grad_gates,
-    const float* cell_prev,
-    const float* cell_next,
-    const float* grad_hidden,
-    const float* grad_cell,
-    GateRows<float> grad_preactivation,
-    float* grad_cell_prev,
+    GateRows<const T> gates,
+    GateRows<const T> grad_gates,
+    const T* cell_prev,
+    const T* cell_next,
+    const T* grad_hidden,
+    const T* grad_cell,
+    GateRows<T> grad_preactivation,
+    T* grad_cell_prev,
     int64_t first,
     int64_t end);
+
+// One dtype's pair of pointwise loops; null where this instruction set has no vector conversion
+// for the dtype (the portable path's bfloat16 and float16), which leaves the row to the scalar loop.
+template <typename T>
+struct PointwiseUnits {
+  ForwardUnitsFn<T>* forward;
+  BackwardUnitsFn<T>* backward;
+};
 
 struct Kernels {
   const char* name;  // "default", "avx2", "avx512", "neon": what lstm_fused.cpu_capability() says
@@ -46,9 +57,12 @@ struct Kernels {
   void (*sequence_forward)(const small_batch::SequenceForward& args, int threads);
   void (*sequence_backward)(const small_batch::SequenceBackward& args, int threads);
 
-  // The float pointwise loops of cell_units.h over whole vectors of units.
-  ForwardUnitsFn* forward_units;
-  BackwardUnitsFn* backward_units;
+  // The pointwise loops of cell_units.h over whole vectors of units, per storage dtype (pointers,
+  // so that this table stays constant-initialised: capability.cpp may read it before dynamic
+  // initialisation has reached this file).
+  const PointwiseUnits<float>* float_units;
+  const PointwiseUnits<BFloat16Bits>* bfloat16_units;
+  const PointwiseUnits<HalfBits>* half_units;
 };
 
 // The table in use (capability.cpp).
@@ -60,8 +74,9 @@ namespace CPU_CAPABILITY {
 extern const Kernels table;
 
 // cell_units.cpp of this compile.
-ForwardUnitsFn forward_units;
-BackwardUnitsFn backward_units;
+extern const PointwiseUnits<float> float_units;
+extern const PointwiseUnits<BFloat16Bits> bfloat16_units;
+extern const PointwiseUnits<HalfBits> half_units;
 }  // namespace CPU_CAPABILITY
 #endif
 

@@ -921,8 +921,9 @@ const Kernels table = {
     cell_backward_products,
     sequence_forward,
     sequence_backward,
-    forward_units,
-    backward_units,
+    &float_units,
+    &bfloat16_units,
+    &half_units,
 };
 
 }  // namespace CPU_CAPABILITY

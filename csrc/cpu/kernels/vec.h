@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../cell_units.h"
+
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #elif defined(CPU_CAPABILITY_NEON)
@@ -289,14 +291,76 @@ inline void store(float* p, Vec x, const Mask& m) {
 }
 #endif
 
-// The lanes policy cell_units.h's loops run with: Vec::kWidth units at a time.
-struct VecLanes {
-  using storage = float;
+// bfloat16 and float16 to and from float vectors, rounding to nearest even as c10::BFloat16 and
+// c10::Half do (bfloat16 NaN becomes 0x7FC0, as there). The portable path has none: its reduced
+// dtypes stay with the scalar loop of lstm_cell.cpp.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kConvertsReducedFloats = true;
+inline Vec load_widened(const BFloat16Bits* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline void store_narrowed(BFloat16Bits* p, Vec x) {
+  const __m256i bits = _mm256_castps_si256(x.v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  const __m256i rounded = _mm256_blendv_epi8(_mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16), _mm256_set1_epi32(0x7FC0), nan);
+  // packus narrows within each 128-bit half; the permute puts the two halves' results together.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline Vec load_widened(const HalfBits* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store_narrowed(HalfBits* p, Vec x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+}
+#elif defined(CPU_CAPABILITY_AVX512)
+constexpr bool kConvertsReducedFloats = true;
+inline Vec load_widened(const BFloat16Bits* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline void store_narrowed(BFloat16Bits* p, Vec x) {
+  const __m512i bits = _mm512_castps_si512(x.v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+  const __m512i rounded = _mm512_mask_mov_epi32(_mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16), nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+inline Vec load_widened(const HalfBits* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store_narrowed(HalfBits* p, Vec x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+}
+#elif defined(CPU_CAPABILITY_NEON)
+constexpr bool kConvertsReducedFloats = true;
+inline Vec load_widened(const BFloat16Bits* p) {
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(&p->bits), 16));
+}
+inline void store_narrowed(BFloat16Bits* p, Vec x) {
+  const uint32x4_t bits = vreinterpretq_u32_f32(x.v);
+  const uint32x4_t bias = vaddq_u32(vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1)), vdupq_n_u32(0x7FFF));
+  const uint32x4_t rounded = vshrq_n_u32(vaddq_u32(bits, bias), 16);
+  const uint32x4_t is_number = vceqq_f32(x.v, x.v);
+  vst1_u16(&p->bits, vmovn_u32(vbslq_u32(is_number, rounded, vdupq_n_u32(0x7FC0))));
+}
+inline Vec load_widened(const HalfBits* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(&p->bits))); }
+inline void store_narrowed(HalfBits* p, Vec x) { vst1_u16(&p->bits, vreinterpret_u16_f16(vcvt_f16_f32(x.v))); }
+#else
+constexpr bool kConvertsReducedFloats = false;
+#endif
+inline Vec load_widened(const float* p) { return Vec::load(p); }
+inline void store_narrowed(float* p, Vec x) { x.store(p); }
+
+// The lanes policy cell_units.h's loops run with: Vec::kWidth units at a time, stored as Storage
+// (float, BFloat16Bits or HalfBits) and computed in float.
+template <typename Storage>
+struct VecLanesOf {
+  using storage = Storage;
   using value = Vec;
   static constexpr int64_t width = Vec::kWidth;
-  static value load(const float* p) { return Vec::load(p); }
-  static void store(float* p, value v) { v.store(p); }
+  static value load(const storage* p) { return load_widened(p); }
+  static void store(storage* p, value v) { store_narrowed(p, v); }
 };
+using VecLanes = VecLanesOf<float>;
 
 }  // namespace
 }  // namespace CPU_CAPABILITY
