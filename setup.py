@@ -80,14 +80,16 @@ def cuda_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
-def write_build_info(with_cuda):
+def write_build_info(with_cuda, summary):
     # Read at import time, before the extension is loaded, so a torch other than the one this was
-    # built against gets a clear message instead of an undefined-symbol crash.
+    # built against gets a clear message instead of an undefined-symbol crash. SUMMARY is the build's
+    # one line, which pip shows only with -v; the benchmark prints it.
     with open(os.path.join(ROOT, PACKAGE, "_build_info.py"), "w") as f:
         f.write(
             '"""Written by setup.py at build time."""\n'
             f"TORCH_VERSION = {torch.__version__!r}\n"
             f"WITH_CUDA = {with_cuda!r}\n"
+            f"SUMMARY = {summary!r}\n"
         )
 
 
@@ -157,7 +159,6 @@ def extension():
     with_cuda = want_cuda()
     with_openmp = want_openmp()
     capabilities = cpu_capabilities()
-    write_build_info(with_cuda)
     sources = [
         "csrc/ops.cpp",
         "csrc/autograd.cpp",
@@ -184,12 +185,13 @@ def extension():
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
         macros.append(("LSTM_FUSED_OPENMP", None))
-    print(
-        f"lstm_fused: CPU kernels for {', '.join(n.lower() for n, _ in capabilities)} ({target_machine()}); threading: "
+    summary = (
+        f"CPU kernels for {', '.join(n.lower() for n, _ in capabilities)} ({target_machine()}); threading: "
         + ("OpenMP" if with_openmp else "ATen's at::parallel_for, no OpenMP (threads that meet every step run as one)")
-        + ("" if with_cuda else "; CUDA kernels not built (" + cuda_absence() + ")"),
-        file=sys.stderr,
+        + ("; CUDA kernels built" if with_cuda else "; CUDA kernels not built (" + cuda_absence() + ")")
     )
+    write_build_info(with_cuda, summary)
+    print(f"lstm_fused: {summary}", file=sys.stderr)
     if not with_cuda:
         return cpp_extension.CppExtension(
             f"{PACKAGE}._C",

@@ -1204,6 +1204,7 @@ def main(argv=None) -> int:
         + ("" if args.full else " (--full for the whole grid)"),
         file=sys.stderr,
     )
+    print(f"lstm_fused build: {getattr(lstm_fused.BUILD_INFO, 'SUMMARY', 'unknown (rebuild)')}", file=sys.stderr)
     warn_if_busy(machine)
     started, results = time.perf_counter(), []
     progress = Progress([case_weight(shape, names) for shape, names in jobs for _ in args.mode])

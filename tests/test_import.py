@@ -64,3 +64,12 @@ def test_the_built_package_imports_from_another_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     path, version = result.stdout.split()
     assert Path(path).resolve().parent == PACKAGE and version == lstm_fused.__version__
+
+
+def test_the_build_summary_describes_this_build():
+    """setup.py's one line (shown by `pip install -v` and the benchmark) names what was built."""
+    summary = lstm_fused.BUILD_INFO.SUMMARY
+    kernels = summary.split(";")[0]
+    for name in lstm_fused.supported_cpu_capabilities():
+        assert name in kernels, summary
+    assert ("CUDA kernels built" in summary) == lstm_fused.WITH_CUDA, summary
