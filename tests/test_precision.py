@@ -168,3 +168,38 @@ def test_cpu_autocast_linear_fed_gradients_like_nn(helpers, autocast_dtype, stat
         assert ours.dtype == theirs.dtype, index
         error = helpers.relative_error(ours, theirs)
         assert error < 2 * OUTPUT_LIMITS[autocast_dtype], f"gradient {index}: relative difference {error:.2e}"
+
+
+# lf.LSTM in bfloat16 and float16: the products in the dtype (oneDNN where the CPU has it), the
+# cell's math in float32, the states stored in the dtype. Judged against nn.LSTM in float64 on the
+# same rounded weights and inputs, and against nn.LSTM's own error in the dtype: rounding the state
+# at every step compounds over T, in nn as here.
+@pytest.mark.parametrize("batch, hidden_size", [(3, 13), (9, 64)])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_low_precision_sequence_against_float64(helpers, dtype, batch, hidden_size):
+    steps, input_size = 16, 11
+    torch_lstm = nn.LSTM(input_size, hidden_size, num_layers=2, bidirectional=True, dtype=dtype)
+    fused_lstm = lf.LSTM(input_size, hidden_size, num_layers=2, bidirectional=True, dtype=dtype)
+    fused_lstm.load_state_dict(torch_lstm.state_dict())
+    exact_lstm = nn.LSTM(input_size, hidden_size, num_layers=2, bidirectional=True, dtype=torch.float64)
+    exact_lstm.load_state_dict(torch_lstm.state_dict())
+    x = helpers.randn(steps, batch, input_size, dtype=dtype)
+    h_0, c_0 = (helpers.randn(4, batch, hidden_size, dtype=dtype) for _ in range(2))
+    weights = helpers.randn(steps, batch, 2 * hidden_size, dtype=dtype)
+
+    def run(lstm, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, h_0, c_0)]
+        output, (h_n, c_n) = lstm(leaves[0], (leaves[1], leaves[2]))
+        loss = (output * weights.to(dtype)).sum() + h_n.sum() + (c_n * 0.5).sum()
+        return [output, h_n, c_n], torch.autograd.grad(loss, leaves + list(lstm.parameters()))
+
+    outputs, grads = run(fused_lstm, dtype)
+    nn_outputs, nn_grads = run(torch_lstm, dtype)
+    exact_outputs, exact_grads = run(exact_lstm, torch.float64)
+    for index, (actual, nn_value, exact) in enumerate(zip(outputs + list(grads), nn_outputs + list(nn_grads),
+                                                          exact_outputs + list(exact_grads), strict=True)):
+        assert actual.dtype == nn_value.dtype == dtype, index
+        error = helpers.relative_error(actual, exact)
+        nn_error = helpers.relative_error(nn_value, exact)
+        assert error < max(2 * nn_error, 4 * torch.finfo(dtype).eps), (
+            f"result {index}: relative error {error:.2e} against float64, nn.LSTM's {nn_error:.2e}")
