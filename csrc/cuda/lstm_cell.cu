@@ -65,6 +65,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cell_forward_cuda(
   const int64_t hidden_size = weight_hh.size(1);
   const auto options = input.options();
 
+  // The activated gates are written under no_grad too. They are an output of cell_forward's schema,
+  // and nothing the op sees says whether its caller reads them: return_gates=True reads them under
+  // any grad mode, the autograd Function runs the op with grad mode off whatever the caller's mode
+  // (and saves them when the caller's mode is on), inference_mode skips the autograd kernel
+  // altogether. Skipping them needs the caller to say so, through the schema (a trailing
+  // `bool need_gates=True`, which csrc/autograd.cpp would set from grad mode and requires_grad,
+  // and functional.py from return_gates). The kernel is ready for it: a null gates pointer writes
+  // none (tests/test_emulated_cuda.py::test_no_gates_written_when_not_wanted).
   at::Tensor gates = new_output({batch, 4 * hidden_size}, options);
   at::Tensor hy = new_output({batch, hidden_size}, options);
   at::Tensor cy = new_output({batch, hidden_size}, options);

@@ -107,7 +107,10 @@ inline at::Tensor project_inputs(
 // sequence_forward over a padded batch in one cooperative launch, or nullopt where the shape, dtype
 // or device does not allow it (the caller then runs the loop). The outputs are the loop's, in its
 // layout ([T * B, ...] rows of a padded batch are [T, B, ...]): output, hy, cy, cell_states and the
-// activated gates, so sequence_backward (either path) reads what it expects.
+// activated gates, so sequence_backward (either path) reads what it expects. The gates are written
+// under no_grad too, for the reason lstm_cell.cu's cell_forward gives: the schema returns them (lf.LSTM's
+// return_states reads them) and the op cannot see whether anyone will; the kernels take a null
+// gates pointer for the day the schema lets the caller say so.
 // The caller has checked the arguments (check_sequence_forward_args) and excluded autocast.
 template <typename Device>
 std::optional<ForwardOutputs> persistent_sequence_forward(
@@ -232,10 +235,10 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
   // The state each step multiplied by W_hh: the previous visited step's h, hx for the first.
   at::Tensor previous;
   if (output_mask[4]) {
-    const at::Tensor by_step = output.view({steps, batch, hidden_size});
+    const at::Tensor by_step = output.reshape({steps, batch, hidden_size});
     previous = (reverse ? at::cat({by_step.narrow(0, 1, steps - 1), hx.unsqueeze(0)})
                         : at::cat({hx.unsqueeze(0), by_step.narrow(0, 0, steps - 1)}))
-                   .view({steps * batch, hidden_size});
+                   .reshape({steps * batch, hidden_size});
   }
   const SequenceProducts products = device.products(grad_preactivation, input, previous, weight_ih, output_mask);
   const auto empty = [&] { return at::empty({0}, options); };
