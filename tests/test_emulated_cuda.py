@@ -431,7 +431,7 @@ def full_batch_sizes(steps, batch):
 
 def expected_path(dtype, hidden_size):
     """The persistent kernel a shape that fits takes: tensor cores for half/bfloat16 at hidden
-    sizes that are multiples of 16, FFMA otherwise (float32 too: TF32 never reaches it)."""
+    sizes that are multiples of 16, FFMA otherwise (float32 too, with TF32 not allowed)."""
     return TENSOR_CORES if dtype in (torch.float16, torch.bfloat16) and hidden_size % 16 == 0 else PERSISTENT
 
 
@@ -676,20 +676,26 @@ def test_gradients_of_the_saved_states_take_the_loop(emu):
     assert all(torch.isfinite(g).all() for g in with_states)
 
 
-@pytest.mark.parametrize("allow_tf32", [False, True], ids=["tf32_off", "tf32_on"])
-def test_float32_recurrence_stays_exact_whatever_tf32(emu, allow_tf32):
-    # float32 products on exact FFMA in the persistent kernel: TF32 (allowed or not) never reaches
-    # it, so float32 matches float64 to float32 rounding. Half/bfloat16 take the tensor cores.
-    steps, batch, input_size, hidden_size = 3, 9, 6, 32
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size", [(3, 9, 6, 32), (2, 17, 5, 48), (2, 33, 3, 16)])
+def test_float32_is_exact_unless_tf32_is_allowed(emu, steps, batch, input_size, hidden_size, reverse):
+    # TF32 off (torch's default): the float32 recurrence on FFMA, exact to float32 rounding. TF32
+    # allowed: the tensor-core kernel on 16x16x8 TF32 fragments (the emulation rounds the operands
+    # as the hardware does), within TF32's rounding (unit roundoff 2^-11) and visibly not exact.
     lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, torch.float32)
-    (output, hy, cy, _, _), path = run_sequence(emu, x, h0, c0, weights, False, allow_tf32=allow_tf32)
-    assert path == PERSISTENT
-    (expected_output, expected_h, expected_c), _ = reference_sequence(lstm, x, h0, c0, False)
-    assert relative_error(output.view(steps, batch, hidden_size), expected_output) <= 1e-5
-    assert relative_error(hy, expected_h) <= 1e-5
-    assert relative_error(cy, expected_c) <= 1e-5
-    *_, reduced = run_sequence(emu, x.half(), h0.half(), c0.half(), [w.half() for w in weights], False,
-                               allow_tf32=allow_tf32)
+    (expected_output, expected_h, expected_c), _ = reference_sequence(lstm, x, h0, c0, reverse)
+    errors = {}
+    for allow_tf32, wanted_path in [(False, PERSISTENT), (True, TENSOR_CORES)]:
+        (output, hy, cy, _, _), path = run_sequence(emu, x, h0, c0, weights, reverse, allow_tf32=allow_tf32)
+        assert path == wanted_path
+        errors[allow_tf32] = max(
+            relative_error(output.view(steps, batch, hidden_size), expected_output),
+            relative_error(hy, expected_h), relative_error(cy, expected_c),
+        )
+    assert errors[False] <= 1e-5, f"float32 without TF32: relative error {errors[False]:.2e}"
+    assert 1e-6 < errors[True] <= 5e-3, f"float32 with TF32: relative error {errors[True]:.2e}"
+    # Half and bfloat16 take the tensor cores whatever the setting.
+    *_, reduced = run_sequence(emu, x.half(), h0.half(), c0.half(), [w.half() for w in weights], reverse)
     assert reduced == TENSOR_CORES
 
 

@@ -861,19 +861,22 @@ struct SequencePlan {
   bool tensor_cores;  // the forward's product on tensor cores (sequence_forward_persistent_mma_kernel)
 };
 
-// Tensor cores for half and bfloat16, on 16x16x16 tiles: the hidden size must be a multiple of 16
-// (K tiles, and 32-byte aligned rows of the staged tiles).
-// Float32 stays on exact FFMA by default, as nn.LSTM's own products do. allow_tf32 (the op layer
-// reads torch.backends.cuda.matmul.allow_tf32 through at::globalContext()) is where TF32 fragments
-// would be chosen; none are written yet, so float32 takes FFMA either way, and only the input
-// projection's cuBLAS GEMM follows the setting (as every cuBLAS product of the library does).
+// Tensor cores for half and bfloat16 (16x16x16 fragments), and for float32 as TF32 (16x16x8) only
+// where the user allows TF32: torch.backends.cuda.matmul.allow_tf32, which the op layer reads
+// through at::globalContext() as cuBLAS does. By default float32 stays on exact FFMA, as nn.LSTM's
+// own products do. The hidden size must be a multiple of 16 (K tiles, and 32-byte aligned rows of
+// the staged tiles). Double always takes FFMA.
 constexpr int kMmaTile = 16;
 
 template <typename scalar_t>
 bool sequence_uses_tensor_cores(int64_t hidden_size, bool allow_tf32) {
-  static_cast<void>(allow_tf32);  // no TF32 kernel: float32 never takes tensor cores
-  return sizeof(scalar_t) == 2 && hidden_size % kMmaTile == 0;
+  const bool has_fragments = sizeof(scalar_t) == 2 || (std::is_same_v<scalar_t, float> && allow_tf32);
+  return has_fragments && hidden_size % kMmaTile == 0;
 }
+
+// The K depth of one fragment product: 16 for half/bfloat16, 8 for TF32.
+template <typename scalar_t>
+constexpr int kMmaDepth = std::is_same_v<scalar_t, float> ? 8 : kMmaTile;
 
 // How the tensor-core forward splits a block's product [rows, 4 * kSequenceUnits = 32 columns]
 // over its 8 warps: 16x16 output tiles (2 per 16 rows), and, when there are fewer tiles than
@@ -1086,12 +1089,24 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
   }
 }
 
-#if defined(LSTM_FUSED_CUDA_EMULATION)
-template <typename scalar_t>
-using MmaElement = scalar_t;
-#else
+// A fragment's element type (MmaElement) and the type its loads read from shared memory
+// (MmaSource): the storage type for half/bfloat16; for float32, TF32 fragments loaded from float.
 template <typename scalar_t>
 struct MmaElementOf;
+template <>
+struct MmaElementOf<float> {
+  using type = nvcuda::wmma::precision::tf32;
+};
+#if defined(LSTM_FUSED_CUDA_EMULATION)
+template <>
+struct MmaElementOf<c10::Half> {
+  using type = c10::Half;
+};
+template <>
+struct MmaElementOf<c10::BFloat16> {
+  using type = c10::BFloat16;
+};
+#else
 template <>
 struct MmaElementOf<c10::Half> {
   using type = __half;
@@ -1100,14 +1115,28 @@ template <>
 struct MmaElementOf<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
+#endif
 template <typename scalar_t>
 using MmaElement = typename MmaElementOf<scalar_t>::type;
-#endif
+template <typename scalar_t>
+using MmaSource = std::conditional_t<std::is_same_v<scalar_t, float>, float, MmaElement<scalar_t>>;
 
-// The persistent forward with the recurrent product on tensor cores (half and bfloat16, float32
-// accumulation): per step, the block's product h_{t-1} [rows, H] x W_slice^T [H, 32] as 16x16x16
-// fragments (mma_split), the partial tiles through shared memory, and the same epilogue and grid
-// barrier as the SIMT kernel. Same parameters as sequence_forward_persistent_kernel.
+// TF32 fragments take float32 values rounded to TF32 (10 mantissa bits) after the load; half and
+// bfloat16 fragments are used as loaded.
+template <typename scalar_t, typename Fragment>
+__device__ __forceinline__ void round_for_mma(Fragment& fragment) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int e = 0; e < fragment.num_elements; ++e) {
+      fragment.x[e] = nvcuda::wmma::__float_to_tf32(fragment.x[e]);
+    }
+  }
+}
+
+// The persistent forward with the recurrent product on tensor cores (half and bfloat16, or float32
+// as TF32 where allowed; float32 accumulation): per step, the block's product h_{t-1} [rows, H] x
+// W_slice^T [H, 32] as 16x16xK fragments (mma_split, K = kMmaDepth), the partial tiles through
+// shared memory, and the same epilogue and grid barrier as the SIMT kernel. Same parameters as
+// sequence_forward_persistent_kernel.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_mma_kernel(
     const scalar_t* __restrict__ projected,
@@ -1122,6 +1151,8 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
     const SequenceShape shape) {
   namespace wmma = nvcuda::wmma;
   using element_t = MmaElement<scalar_t>;
+  using source_t = MmaSource<scalar_t>;
+  constexpr int kDepth = kMmaDepth<scalar_t>;
   constexpr int kTileElements = kMmaTile * kMmaTile;
   const int64_t B = shape.batch;
   const int64_t H = shape.hidden_size;
@@ -1147,13 +1178,15 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
       const int part = item / split.tiles;
       const int64_t row_tile = tile / 2;
       const int64_t column_tile = tile % 2;
-      wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> accumulator;
+      wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kDepth, float> accumulator;
       wmma::fill_fragment(accumulator, 0.0f);
-      for (int64_t k0 = static_cast<int64_t>(part) * kMmaTile; k0 < H; k0 += static_cast<int64_t>(split.splits) * kMmaTile) {
-        wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, element_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, element_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const element_t*>(staged_h + row_tile * kMmaTile * H + k0), H);
-        wmma::load_matrix_sync(b, reinterpret_cast<const element_t*>(resident_weight + column_tile * kMmaTile * H + k0), H);
+      for (int64_t k0 = static_cast<int64_t>(part) * kDepth; k0 < H; k0 += static_cast<int64_t>(split.splits) * kDepth) {
+        wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kDepth, element_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kDepth, element_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const source_t*>(staged_h + row_tile * kMmaTile * H + k0), H);
+        wmma::load_matrix_sync(b, reinterpret_cast<const source_t*>(resident_weight + column_tile * kMmaTile * H + k0), H);
+        round_for_mma<scalar_t>(a);
+        round_for_mma<scalar_t>(b);
         wmma::mma_sync(accumulator, a, b, accumulator);
       }
       wmma::store_matrix_sync(partial + item * kTileElements, accumulator, kMmaTile, wmma::mem_row_major);
@@ -1195,7 +1228,7 @@ using SequenceForwardKernel = void (*)(
 // The forward kernel a plan launches (and whose occupancy the caller checks).
 template <typename scalar_t>
 SequenceForwardKernel<scalar_t> persistent_forward_kernel(bool tensor_cores) {
-  if constexpr (sizeof(scalar_t) == 2) {
+  if constexpr (sizeof(scalar_t) == 2 || std::is_same_v<scalar_t, float>) {
     if (tensor_cores) {
       return sequence_forward_persistent_mma_kernel<scalar_t>;
     }
