@@ -1,9 +1,11 @@
 // The host side of the CUDA ops that the GPU build (lstm_cell.cu, sequence.cu) and the tests'
 // emulated build (tests/emulated_cuda/emulated_ops.cpp) share: which path a call takes, and for the
-// sequence ops the whole persistent path (its library products, allocation and launch), so that
-// the choice and the launch CI runs under the emulation are the GPU's. What differs between the two
-// builds is a `Device` (below): how many blocks of a cooperative launch can be co-resident, the
-// stream, output allocation, and the backward's closing products.
+// sequence ops the whole op (eligibility, the input projection, allocation, the launches, the
+// fallback to the loop), so that the choice and the launches CI runs under the emulation are the
+// GPU's. What differs between the two builds is a `Device` (below): how many blocks of a
+// cooperative launch can be co-resident, the stream, the argument checks and the loop (the
+// library's, which the emulated build reaches through the dispatcher), output allocation, and the
+// backward's closing products.
 //
 // Include after cell_kernels.cuh's prerequisites (the emulation's builtins, or the CUDA runtime).
 #pragma once
