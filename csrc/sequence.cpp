@@ -15,6 +15,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "sequence.h"
+
 #include "cpu/small_batch.h"
 #include "matmul.h"
 #include "ops.h"
@@ -129,7 +131,9 @@ int small_batch_threads(int64_t batch, int64_t hidden_size) {
   return cpu::small_batch::threads_for(batch * 4 * hidden_size * hidden_size, at::get_num_threads());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward(
+}  // namespace
+
+SequenceForwardOutputs sequence_forward_loop(
     const at::Tensor& input,
     const at::Tensor& batch_sizes,
     const at::Tensor& hx,
@@ -189,6 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   }
   return {output, hy, cy, cell_states, gates};
 }
+
+namespace {
 
 // The backward loop from dispatcher calls, for every device and dtype: per step, the pointwise gate
 // gradients and one product with weight_hh.
@@ -259,7 +265,9 @@ void loop_backward(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_backward(
+}  // namespace
+
+SequenceBackwardOutputs sequence_backward_loop(
     const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy,
     const std::optional<at::Tensor>& grad_cy,
@@ -351,11 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(lstm_fused, CompositeExplicitAutograd, m) {
-  m.impl("sequence_forward", &sequence_forward);
-  m.impl("sequence_backward", &sequence_backward);
+  m.impl("sequence_forward", &sequence_forward_loop);
+  m.impl("sequence_backward", &sequence_backward_loop);
 }
 
 }  // namespace lstm_fused

@@ -14,7 +14,8 @@ kernel (csrc/cuda/cell_kernels.cuh) and its tails: batch 1 -> tile 1, 3 -> tile 
 the scalar and vectorised paths
 (sizes 5, 7 against 64, 128), more than one shared-memory chunk per segment (hidden 1024 at the
 larger tiles), the in-block split of K over warps (small hidden, long input), the fallback
-(batch 257) and every presence pattern of the backward's incoming gradients.
+(batch 257), every presence pattern of the backward's incoming gradients, and lf.LSTM's sequence
+ops (the persistent kernels, forward and backward through time, and the loop they fall back to).
 """
 import itertools
 import sys
@@ -106,38 +107,36 @@ def gate_grads_case(dtype):
         check(f"cell_gate_grads {dtype} present={present} grad_cx", grad_cx, expected_cx, dtype)
 
 
-def sequence_case(steps, batch, input_size, hidden_size, dtype, reverse):
-    lstm = torch.nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=torch.float64)
-    weights = [p.detach().to(dtype) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+def sequence_case(steps, batch, input_size, hidden_size, dtype, bidirectional, lengths=None):
+    """lf.LSTM forward and backward (its sequence ops: on CUDA the persistent kernels where they
+    fit, the loop elsewhere) against nn.LSTM in float64; `lengths` makes a PackedSequence."""
+    fused = lstm_fused.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE, dtype=dtype)
+    reference_lstm = torch.nn.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE,
+                                   dtype=torch.float64)
     with torch.no_grad():
-        for p, w in zip(lstm.parameters(), weights):
-            p.copy_(w.double())
+        for p, q in zip(reference_lstm.parameters(), fused.parameters()):
+            p.copy_(q.double())
     x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
-    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
-    grad_output, grad_hy, grad_cy = torch.randn_like(output), torch.randn_like(hy), torch.randn_like(cy)
-    grads = ops.sequence_backward_persistent(
-        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
-    )
-    xr = x.double().flip(0) if reverse else x.double()
-    with torch.no_grad():
-        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
-    if reverse:
-        expected = expected.flip(0)
-    leaves = [t.detach().double().requires_grad_() for t in (x, h0, c0)]
-    xr_leaf = leaves[0].flip(0) if reverse else leaves[0]
-    out, (hn, cn) = lstm(xr_leaf, (leaves[1][None], leaves[2][None]))
-    if reverse:
-        out = out.flip(0)
-    loss = (out * grad_output.double()).sum() + (hn[0] * grad_hy.double()).sum() + (cn[0] * grad_cy.double()).sum()
-    expected_grads = torch.autograd.grad(loss, leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
-    name = f"sequence_forward_persistent {dtype} T={steps} batch={batch} hidden={hidden_size} reverse={reverse}"
-    for label, actual, wanted in zip(["input", "hx", "cx", "weight_ih", "weight_hh", "bias"], grads, expected_grads):
-        check(f"{name} grad {label}", actual, wanted, dtype)
+    x64 = x.double()
+    if lengths is not None:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        x64 = torch.nn.utils.rnn.pack_padded_sequence(x64, lengths)
+    output, (hn, cn) = fused(x)
+    expected, (expected_h, expected_c) = reference_lstm(x64)
+    if lengths is not None:
+        output, expected = output.data, expected.data
+    name = (f"lf.LSTM {dtype} T={steps} batch={batch} hidden={hidden_size} bidirectional={bidirectional}"
+            f"{' packed' if lengths else ''}")
     check(f"{name} output", output, expected, dtype)
-    check(f"{name} h_n", hy, expected_h[0], dtype)
-    check(f"{name} c_n", cy, expected_c[0], dtype)
+    check(f"{name} h_n", hn, expected_h, dtype)
+    check(f"{name} c_n", cn, expected_c, dtype)
+    upstream = [torch.randn_like(t) for t in (output, hn, cn)]
+    grads = torch.autograd.grad((output, hn, cn), list(fused.parameters()), upstream)
+    expected_grads = torch.autograd.grad(
+        (expected, expected_h, expected_c), list(reference_lstm.parameters()), [u.double() for u in upstream]
+    )
+    for (label, _), actual, wanted in zip(fused.named_parameters(), grads, expected_grads):
+        check(f"{name} grad {label}", actual, wanted, dtype)
 
 
 def main():
@@ -162,15 +161,23 @@ def main():
     TOLERANCE[torch.float32] = 5e-3
     for batch in (8, 9):
         step_case(batch, 128, 64, torch.float32, True)
+    # ...and the float32 persistent forward takes its TF32 tensor-core kernel.
+    sequence_case(3, 17, 7, 32, torch.float32, True)
+    cases += 1
     torch.backends.cuda.matmul.allow_tf32 = False
     TOLERANCE[torch.float32] = 1e-4
-    if DEVICE.startswith("cuda") and hasattr(ops, "sequence_forward_persistent"):
-        # The persistent sequence kernels, forward and backward: one block, several blocks,
-        # reverse, and a fallback shape.
-        for steps, batch, hidden_size, reverse in [(3, 2, 5, False), (4, 5, 40, True), (2, 2, 4096, False)]:
-            for dtype in (torch.float32, torch.bfloat16):
-                sequence_case(steps, batch, 7, hidden_size, dtype, reverse)
-                cases += 1
+    # lf.LSTM's sequence ops: on CUDA the persistent kernels, forward and backward (one block of
+    # units, several with a partial last one, both directions in one layer; bfloat16 at hidden 32 on
+    # tensor cores), and the loop (hidden 4096, whose W_hh slices do not fit in shared memory; a
+    # PackedSequence whose batch shrinks).
+    for steps, batch, hidden_size, bidirectional in [(3, 2, 5, False), (4, 5, 40, True), (3, 17, 32, True),
+                                                      (2, 2, 4096, False)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            sequence_case(steps, batch, 7, hidden_size, dtype, bidirectional)
+            cases += 1
+    sequence_case(4, 3, 7, 24, torch.float32, False, lengths=[4, 2, 1])
+    cases += 1
+    if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
     if failures:
         print(f"cuda_sanitizer_driver: {len(failures)} mismatches", file=sys.stderr)

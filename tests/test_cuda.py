@@ -572,62 +572,100 @@ def test_batch_tiles_on_the_gpu(dtype, batch):
         assert_close(c1, expected_c1, TOLERANCE[dtype], "c_1")
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize(
-    "steps,batch,input_size,hidden_size",
-    # 4096 hidden units: W_hh's slices do not fit in shared memory, the op falls back per step.
-    [(5, 3, 7, 33), (4, 16, 768, 768), (3, 2, 16, 4096)],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_sequence_forward_persistent_against_nn_lstm(dtype, steps, batch, input_size, hidden_size, reverse):
-    lstm = nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=torch.float64)
-    weights = [p.detach().to(dtype) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+# lf.LSTM on CUDA: its sequence ops (csrc/cuda/sequence.cu) run the persistent kernels on padded
+# batches whose weights fit in shared memory, the device-independent loop otherwise. The emulated
+# tests cover the choice and both paths on the CPU; these confirm them on the GPU.
+# (steps, batch, input, hidden, bidirectional): persistent shapes (hidden 33: a partial block of
+# units; 768: FlashRNN's condition, tensor cores for bfloat16), and hidden 4096, whose slices of W_hh
+# do not fit in shared memory (the loop).
+LSTM_SHAPES = [(5, 3, 7, 33, True), (4, 16, 768, 768, False), (3, 2, 16, 4096, False), (6, 64, 32, 128, True)]
+
+
+def persistent_kernel_ran(run):
+    """Whether `run` launched a persistent sequence kernel, from the profiler's kernel names; None
+    where the profiler records no CUDA kernels (no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+    except (AssertionError, RuntimeError):  # no CUDA activity to profile
+        return None
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:
+        return None
+    return any("persistent" in name for name in names)
+
+
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size,bidirectional", LSTM_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_lstm_on_cuda_against_nn_lstm(dtype, steps, batch, input_size, hidden_size, bidirectional):
+    # Values and every gradient of lf.LSTM against nn.LSTM in float64 holding the same (rounded) weights.
+    fused = lstm_fused.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE, dtype=dtype)
+    reference_lstm = nn.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE, dtype=torch.float64)
     with torch.no_grad():
-        for p, w in zip(lstm.parameters(), weights):
-            p.copy_(w.double())
-    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
-    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
-    xr = x.double().flip(0) if reverse else x.double()
-    with torch.no_grad():
-        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
-    if reverse:
-        expected = expected.flip(0)
-    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+        for p, q in zip(reference_lstm.parameters(), fused.parameters()):
+            p.copy_(q.double())
+    directions = 2 if bidirectional else 1
+    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(directions, batch, hidden_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(directions, batch, hidden_size, device=DEVICE, dtype=dtype, requires_grad=True)
+    output, (hn, cn) = fused(x, (h0, c0))
+    leaves = [t.detach().double().requires_grad_() for t in (x, h0, c0)]
+    expected, (expected_h, expected_c) = reference_lstm(leaves[0], (leaves[1], leaves[2]))
+    tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
     assert_close(output, expected, tolerance, "output")
-    assert_close(hy, expected_h[0], tolerance, "h_n")
-    assert_close(cy, expected_c[0], tolerance, "c_n")
-    last = 0 if reverse else steps - 1
-    assert_close(cell_states[last], expected_c[0], tolerance, "cell state of the last step")
-    assert torch.isfinite(gates).all()
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize(
-    "steps,batch,input_size,hidden_size",
-    # 4096 hidden units: W_hh's columns do not fit in shared memory, the op falls back per step.
-    [(5, 3, 7, 33), (4, 16, 256, 768), (3, 2, 16, 4096)],
-)
-def test_sequence_backward_persistent_against_autograd(steps, batch, input_size, hidden_size, reverse):
-    dtype = torch.float64
-    lstm = nn.LSTM(input_size, hidden_size, device=DEVICE, dtype=dtype)
-    weights = [p.detach() for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
-    x = torch.randn(steps, batch, input_size, device=DEVICE, dtype=dtype)
-    h0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    c0 = torch.randn(batch, hidden_size, device=DEVICE, dtype=dtype)
-    output, hy, cy, cell_states, gates = ops.sequence_forward_persistent(x, h0, c0, *weights, reverse)
-    grad_output = torch.randn_like(output)
-    grad_hy, grad_cy = torch.randn_like(hy), torch.randn_like(cy)
-    grads = ops.sequence_backward_persistent(
-        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
+    assert_close(hn, expected_h, tolerance, "h_n")
+    assert_close(cn, expected_c, tolerance, "c_n")
+    upstream = [torch.randn_like(t) for t in (output, hn, cn)]
+    grads = torch.autograd.grad((output, hn, cn), [x, h0, c0, *fused.parameters()], upstream)
+    expected_grads = torch.autograd.grad(
+        (expected, expected_h, expected_c), leaves + list(reference_lstm.parameters()), [u.double() for u in upstream]
     )
-    leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
-    xr = leaves[0].flip(0) if reverse else leaves[0]
-    out, (hn, cn) = lstm(xr, (leaves[1][None], leaves[2][None]))
-    if reverse:
-        out = out.flip(0)
-    loss = (out * grad_output).sum() + (hn[0] * grad_hy).sum() + (cn[0] * grad_cy).sum()
-    expected = torch.autograd.grad(loss, leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
-    for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected):
-        assert_close(actual, wanted, 1e-10, f"grad of {name}")
+    names = ["input", "h_0", "c_0"] + [name for name, _ in fused.named_parameters()]
+    grad_tolerance = {torch.float64: 1e-10, torch.float32: 1e-3, torch.bfloat16: 1e-1}[dtype]
+    for name, actual, wanted in zip(names, grads, expected_grads):
+        assert_close(actual, wanted, grad_tolerance, f"grad of {name}")
+
+
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size,bidirectional", LSTM_SHAPES, ids=lambda v: str(v))
+def test_lstm_on_cuda_runs_the_persistent_kernel_where_it_fits(steps, batch, input_size, hidden_size, bidirectional):
+    fused = lstm_fused.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE)
+    x = torch.randn(steps, batch, input_size, device=DEVICE)
+    ran = persistent_kernel_ran(lambda: fused(x))
+    if ran is None:
+        pytest.skip("the profiler records no CUDA kernels here")
+    assert ran == (hidden_size != 4096)
+
+
+def test_packed_sequences_on_cuda_take_the_loop_and_match_nn_lstm():
+    lengths = [7, 4, 4, 1]
+    fused = lstm_fused.LSTM(5, 24, device=DEVICE, dtype=torch.float64)
+    reference_lstm = nn.LSTM(5, 24, device=DEVICE, dtype=torch.float64)
+    reference_lstm.load_state_dict(fused.state_dict())
+    packed = nn.utils.rnn.pack_sequence([torch.randn(n, 5, device=DEVICE, dtype=torch.float64) for n in lengths])
+    output, (hn, cn) = fused(packed)
+    expected, (expected_h, expected_c) = reference_lstm(packed)
+    assert_close(output.data, expected.data, 1e-12, "output")
+    assert_close(hn, expected_h, 1e-12, "h_n")
+    assert_close(cn, expected_c, 1e-12, "c_n")
+    assert persistent_kernel_ran(lambda: fused(packed)) in (None, False)
+
+
+def test_lstm_on_cuda_with_tf32_allowed_takes_the_tensor_cores():
+    # float32 with torch.backends.cuda.matmul.allow_tf32: the persistent kernel's recurrent product
+    # on TF32 fragments (exact FFMA otherwise, as every other test here runs), within TF32 rounding.
+    fused = lstm_fused.LSTM(64, 256, device=DEVICE)
+    reference_lstm = nn.LSTM(64, 256, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        for p, q in zip(reference_lstm.parameters(), fused.parameters()):
+            p.copy_(q.double())
+    x = torch.randn(16, 8, 64, device=DEVICE)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the autouse fixture restores it
+    output, (hn, cn) = fused(x)
+    with torch.no_grad():
+        expected, (expected_h, expected_c) = reference_lstm(x.double())
+    assert_close(output, expected, 5e-3, "output")
+    assert_close(hn, expected_h, 5e-3, "h_n")
+    assert persistent_kernel_ran(lambda: fused(x)) in (None, True)

@@ -401,8 +401,15 @@ def test_emulation_exposes_a_missing_barrier(emu):
 
 
 # ------------------------------------------------------------------------------------------------
-# The persistent sequence kernel: one cooperative launch for all steps, a grid barrier per step
+# The sequence ops as CUDA runs them (csrc/cuda/op_layer.h, shared with csrc/cuda/sequence.cu): the
+# persistent kernels (one cooperative launch for all steps, a grid barrier per step) where the call
+# allows them, the device-independent loop of csrc/sequence.cpp elsewhere
 # ------------------------------------------------------------------------------------------------
+
+LOOP, PERSISTENT, TENSOR_CORES = 0, 1, 2
+# A GPU's limits as the emulation holds them: 227 KiB of shared memory per block, 64 blocks.
+MAX_SHARED, MAX_BLOCKS = 227 * 1024, 64
+ALL_GRADS = [True] * 6
 
 
 def lstm_case(steps, batch, input_size, hidden_size, dtype, bias=True):
@@ -418,116 +425,285 @@ def lstm_case(steps, batch, input_size, hidden_size, dtype, bias=True):
     return lstm, x, h0, c0, weights
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize(
-    "steps,batch,input_size,hidden_size",
-    [(1, 1, 7, 1), (5, 3, 7, 5), (4, 6, 1, 9), (3, 17, 16, 33), (2, 2, 5, 70)],
-)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_persistent_sequence_against_nn_lstm(emu, dtype, steps, batch, input_size, hidden_size, reverse):
-    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
-    output, hy, cy, cell_states, gates, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, reverse, True)
-    assert ran, "the shape must fit the persistent kernel"
-    xr = x.double().flip(0) if reverse else x.double()
-    with torch.no_grad():
-        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
-    if reverse:
-        expected = expected.flip(0)
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
-    assert relative_error(output, expected) <= tolerance
-    assert relative_error(hy, expected_h[0]) <= tolerance
-    assert relative_error(cy, expected_c[0]) <= tolerance
-    # The cell states and gates of each step, from the step formulas on the kernel's own h_{t-1}
-    # and c_{t-1} in float64 (the whole recurrence, step by step, for float64 only).
-    if dtype == torch.float64:
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
-        h, c = h0, c0
-        w_ih, w_hh, b_ih, b_hh = weights
-        for t in order:
-            z = x[t] @ w_ih.T + h @ w_hh.T + b_ih + b_hh
-            i, f, g, o = z.chunk(4, dim=1)
-            expected_gates = torch.cat((i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()), dim=1)
-            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
-            h = o.sigmoid() * c.tanh()
-            assert relative_error(gates[t], expected_gates) <= 1e-12
-            assert relative_error(cell_states[t], c) <= 1e-12
+def full_batch_sizes(steps, batch):
+    return torch.full((steps,), batch, dtype=torch.int64)
 
 
-def test_persistent_sequence_without_bias_or_gates(emu):
-    lstm, x, h0, c0, weights = lstm_case(4, 5, 6, 12, torch.float32, bias=False)
-    output, hy, cy, _, gates, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, False, False)
-    assert ran
-    with torch.no_grad():
-        expected, _ = lstm(x.double(), (h0.double()[None], c0.double()[None]))
-    assert relative_error(output, expected) <= 1e-5
-    assert torch.isnan(gates).all()
+def expected_path(dtype, hidden_size):
+    """The persistent kernel a shape that fits takes: tensor cores for half/bfloat16 at hidden
+    sizes that are multiples of 16, FFMA otherwise (float32 too, with TF32 not allowed)."""
+    return TENSOR_CORES if dtype in (torch.float16, torch.bfloat16) and hidden_size % 16 == 0 else PERSISTENT
 
 
-def test_persistent_sequence_refuses_a_grid_that_cannot_be_resident(emu):
-    # 65 blocks of 8 units: more than the emulation keeps alive together (64), as a GPU has a
-    # co-residency limit; the op must refuse rather than deadlock at the first grid barrier.
-    _, x, h0, c0, weights = lstm_case(2, 1, 3, 8 * 65, torch.float32)
-    *_, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, False, True)
-    assert not ran
-
-
-@pytest.mark.parametrize("upstream", ["all", "output_only", "final_only"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("steps,batch,input_size,hidden_size", [(1, 1, 3, 1), (4, 3, 7, 5), (3, 6, 5, 20), (2, 5, 4, 70)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-def test_persistent_backward_through_time_against_nn_lstm(emu, dtype, steps, batch, input_size, hidden_size, reverse, upstream):
-    # The forward and backward persistent kernels against autograd through nn.LSTM: every gradient
-    # (input, h_0, c_0, both weights, the bias), with the upstream gradients on the outputs, on the
-    # final states, or on both.
-    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
-    output, hy, cy, cell_states, gates, ran = emu.sequence_forward_persistent(x, h0, c0, *weights, reverse, True)
-    assert ran
-    grad_output = nonzero_randn(steps, batch, hidden_size, dtype=dtype) if upstream != "final_only" else None
-    grad_hy = nonzero_randn(batch, hidden_size, dtype=dtype) if upstream != "output_only" else None
-    grad_cy = nonzero_randn(batch, hidden_size, dtype=dtype) if upstream != "output_only" else None
-    *grads, ran = emu.sequence_backward_persistent(
-        grad_output, grad_hy, grad_cy, x, h0, c0, weights[0], weights[1], output, cell_states, gates, reverse
-    )
-    assert ran
+def reference_sequence(lstm, x, h0, c0, reverse, grad_output=None, grad_hy=None, grad_cy=None):
+    """nn.LSTM in float64 over [T, B, I] (reversed in time for the reverse direction); with upstream
+    gradients also every gradient: input, h_0, c_0, weight_ih, weight_hh, bias."""
     leaves = [t.double().requires_grad_() for t in (x, h0, c0)]
     xr = leaves[0].flip(0) if reverse else leaves[0]
     out, (hn, cn) = lstm(xr, (leaves[1][None], leaves[2][None]))
     if reverse:
         out = out.flip(0)
+    values = (out.detach(), hn[0].detach(), cn[0].detach())
+    if grad_output is None and grad_hy is None:
+        return values, None
     terms = []
     if grad_output is not None:
         terms.append((out * grad_output.double()).sum())
     if grad_hy is not None:
-        terms.append((hn[0] * grad_hy.double()).sum() + (cn[0] * grad_cy.double()).sum())
-    expected = torch.autograd.grad(
-        sum(terms), leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0], allow_unused=True
+        terms.append((hn[0] * grad_hy.double()).sum())
+    if grad_cy is not None:
+        terms.append((cn[0] * grad_cy.double()).sum())
+    grads = torch.autograd.grad(sum(terms), leaves + [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0])
+    return values, grads
+
+
+def run_sequence(emu, x, h0, c0, weights, reverse, batch_sizes=None, allow_tf32=False, max_shared=MAX_SHARED,
+                 max_blocks=MAX_BLOCKS):
+    steps, batch, input_size = x.shape
+    batch_sizes = full_batch_sizes(steps, batch) if batch_sizes is None else batch_sizes
+    *outputs, path = emu.sequence_forward(
+        x.reshape(steps * batch, input_size), batch_sizes, h0, c0, *weights, reverse, allow_tf32, max_shared, max_blocks
     )
-    tolerance = {torch.float64: 1e-11, torch.float32: 1e-4}[dtype]
-    for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected):
-        error = relative_error(actual, wanted)
-        assert error <= tolerance, f"grad of {name}: relative error {error:.2e} > {tolerance:.0e}"
+    return outputs, path
+
+
+# Forward values, tolerance against float64; gradients, tolerance of the relative error of each.
+VALUE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+GRAD_TOLERANCE = {torch.float64: 1e-11, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+# (steps, batch, input, hidden): batch 1-70 (row tiles of 4 and their tails; 16-row tensor-core
+# tiles, partial and several), hidden sizes with a partial last block of 8 units (1, 5, 9, 33, 70)
+# and multiples of 16 (16, 32, 48: the tensor-core kernel for half/bfloat16), input size 1
+# (nn.LSTM refuses 0).
+SEQUENCE_SHAPES = [
+    (1, 1, 7, 1),
+    (4, 3, 7, 5),
+    (3, 6, 1, 9),
+    (3, 17, 16, 33),
+    (2, 2, 5, 70),
+    (3, 5, 2, 16),
+    (2, 33, 6, 32),
+    (2, 70, 3, 12),
+    (2, 16, 4, 48),
+]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size", SEQUENCE_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize(
-    "steps,batch,input_size,hidden_size",
-    # Hidden sizes that are multiples of 16 take the tensor-core kernel: one and several blocks,
-    # batches that leave a partial 16-row tile, one tile with its K range split over 4 warps (batch
-    # <= 16), 2 row tiles split over 2 warps (17-32), and 3 row tiles, 6 output tiles, no split (33).
-    [(1, 1, 5, 16), (3, 5, 7, 32), (4, 16, 9, 48), (2, 17, 6, 64), (2, 33, 4, 16)],
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
 )
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_persistent_sequence_on_tensor_cores(emu, dtype, steps, batch, input_size, hidden_size, reverse):
+def test_sequence_ops_on_the_persistent_kernels_against_nn_lstm(emu, dtype, steps, batch, input_size, hidden_size,
+                                                              reverse):
+    # The forward and its backward through time as lf.LSTM's sequence ops run them on CUDA, against
+    # nn.LSTM and autograd through it in float64: output, h_n, c_n, and every gradient (input, h_0,
+    # c_0, both weights, the bias), with upstream gradients on the outputs and on both final states.
     lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
-    output, hy, cy, cell_states, gates, kernel = emu.sequence_forward_persistent(x, h0, c0, *weights, reverse, True)
-    assert kernel == 2, "the tensor-core kernel must take this shape"
-    xr = x.double().flip(0) if reverse else x.double()
-    with torch.no_grad():
-        expected, (expected_h, expected_c) = lstm(xr, (h0.double()[None], c0.double()[None]))
-    if reverse:
-        expected = expected.flip(0)
-    tolerance = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
-    assert relative_error(output, expected) <= tolerance
-    assert relative_error(hy, expected_h[0]) <= tolerance
-    assert relative_error(cy, expected_c[0]) <= tolerance
-    assert torch.isfinite(gates).all()
+    (output, hy, cy, cell_states, gates), path = run_sequence(emu, x, h0, c0, weights, reverse)
+    assert path == expected_path(dtype, hidden_size), "the persistent kernel must take this shape"
+    grad_output = nonzero_randn(steps, batch, hidden_size, dtype=dtype)
+    grad_hy = nonzero_randn(batch, hidden_size, dtype=dtype)
+    grad_cy = nonzero_randn(batch, hidden_size, dtype=dtype)
+    (expected_output, expected_h, expected_c), expected_grads = reference_sequence(
+        lstm, x, h0, c0, reverse, grad_output, grad_hy, grad_cy
+    )
+    label = f"{dtype} T={steps} B={batch} I={input_size} H={hidden_size} reverse={reverse}"
+    tolerance = VALUE_TOLERANCE[dtype]
+    for name, actual, expected in [
+        ("output", output.view(steps, batch, hidden_size), expected_output), ("h_n", hy, expected_h),
+        ("c_n", cy, expected_c),
+    ]:
+        error = relative_error(actual, expected)
+        assert error <= tolerance, f"{label}: {name} relative error {error:.2e} > {tolerance:.0e}"
+    assert torch.isfinite(cell_states).all() and torch.isfinite(gates).all()
+    if dtype == torch.float64:
+        # The saved cell states and activated gates of each step, which sequence_backward reads:
+        # the step formulas on the kernel's own h_{t-1}, c_{t-1}.
+        w_ih, w_hh, b_ih, b_hh = weights
+        h, c = h0, c0
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            rows = slice(t * batch, (t + 1) * batch)
+            z = x[t] @ w_ih.T + h @ w_hh.T + b_ih + b_hh
+            i, f, g, o = z.chunk(4, dim=1)
+            assert relative_error(gates[rows], torch.cat((i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()), 1)) <= 1e-12
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            assert relative_error(cell_states[rows], c) <= 1e-12
+            h = output[rows]
+
+    *grads, backward_path = emu.sequence_backward(
+        grad_output.view(steps * batch, hidden_size), grad_hy, grad_cy, None, None, x.view(steps * batch, input_size),
+        full_batch_sizes(steps, batch), h0, c0, weights[0], weights[1], output, cell_states, gates, reverse, ALL_GRADS,
+        MAX_SHARED, MAX_BLOCKS,
+    )
+    assert backward_path == PERSISTENT
+    grads[0] = grads[0].view(steps, batch, input_size)
+    tolerance = GRAD_TOLERANCE[dtype]
+    for name, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], grads, expected_grads):
+        error = relative_error(actual, wanted)
+        assert error <= tolerance, f"{label}: grad of {name} relative error {error:.2e} > {tolerance:.0e}"
+
+
+@pytest.mark.parametrize("upstream", ["output_only", "final_only", "hidden_only"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_persistent_backward_with_some_upstream_gradients_and_outputs(emu, dtype, upstream):
+    # Absent upstream gradients read as zero, and only the gradients output_mask asks for come back.
+    steps, batch, input_size, hidden_size, reverse = 4, 3, 5, 11, upstream == "final_only"
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
+    (output, hy, cy, cell_states, gates), path = run_sequence(emu, x, h0, c0, weights, reverse)
+    assert path == PERSISTENT
+    grad_output = nonzero_randn(steps, batch, hidden_size, dtype=dtype) if upstream == "output_only" else None
+    grad_hy = nonzero_randn(batch, hidden_size, dtype=dtype) if upstream != "output_only" else None
+    grad_cy = nonzero_randn(batch, hidden_size, dtype=dtype) if upstream == "final_only" else None
+    _, expected = reference_sequence(lstm, x, h0, c0, reverse, grad_output, grad_hy, grad_cy)
+    mask = [True, False, True, False, True, True] if upstream == "output_only" else [False, True, False, True, False, False]
+    *grads, backward_path = emu.sequence_backward(
+        None if grad_output is None else grad_output.view(-1, hidden_size), grad_hy, grad_cy, None, None,
+        x.view(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, weights[0], weights[1], output,
+        cell_states, gates, reverse, mask, MAX_SHARED, MAX_BLOCKS,
+    )
+    assert backward_path == PERSISTENT
+    for name, wanted_here, actual, wanted in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], mask, grads,
+                                                 expected):
+        if not wanted_here:
+            assert actual.numel() == 0, f"grad of {name} was not asked for"
+            continue
+        actual = actual.view(wanted.shape)
+        error = relative_error(actual, wanted)
+        assert error <= GRAD_TOLERANCE[dtype], f"grad of {name}: relative error {error:.2e}"
+
+
+def loop_and_persistent(emu, x, h0, c0, weights, reverse, **refusal):
+    """The same call on the persistent path and on the loop (refused by `refusal`)."""
+    persistent, path = run_sequence(emu, x, h0, c0, weights, reverse)
+    assert path != LOOP
+    loop, path = run_sequence(emu, x, h0, c0, weights, reverse, **refusal)
+    assert path == LOOP
+    return persistent, loop
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        # One block's weights and h_{t-1} (forward), its columns of W_hh (backward, 4H x 8 units:
+        # 1 KiB of bfloat16 at H=16) do not fit in its shared memory.
+        {"max_shared": 512},
+        # The grid cannot be co-resident (a cooperative launch would deadlock at the first barrier).
+        {"max_blocks": 1},
+    ],
+    ids=["shared_memory", "occupancy"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_shapes_the_persistent_kernel_refuses_take_the_loop(emu, dtype, refusal):
+    # Same outputs either way (to each path's rounding), so sequence_backward reads either alike.
+    steps, batch, input_size, hidden_size = 3, 5, 4, 16
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
+    persistent, loop = loop_and_persistent(emu, x, h0, c0, weights, False, **refusal)
+    (expected_output, expected_h, expected_c), _ = reference_sequence(lstm, x, h0, c0, False)
+    tolerance = VALUE_TOLERANCE[dtype]
+    for outputs in (persistent, loop):
+        output, hy, cy, cell_states, gates = outputs
+        assert relative_error(output.view(steps, batch, hidden_size), expected_output) <= tolerance
+        assert relative_error(hy, expected_h) <= tolerance
+        assert relative_error(cy, expected_c) <= tolerance
+    for name, a, b in zip(["output", "h_n", "c_n", "cell_states", "gates"], persistent, loop):
+        error = relative_error(a, b)
+        assert error <= tolerance, f"{name}: persistent and loop differ by {error:.2e}"
+    # The loop's backward (refused the same way) against the persistent one's.
+    output, _, _, cell_states, gates = persistent
+    grad_output = nonzero_randn(steps * batch, hidden_size, dtype=dtype)
+    args = (grad_output, None, None, None, None, x.view(steps * batch, input_size), full_batch_sizes(steps, batch), h0,
+            c0, weights[0], weights[1], output, cell_states, gates, False, ALL_GRADS)
+    *persistent_grads, path = emu.sequence_backward(*args, MAX_SHARED, MAX_BLOCKS)
+    assert path == PERSISTENT
+    *loop_grads, path = emu.sequence_backward(
+        *args, refusal.get("max_shared", MAX_SHARED), refusal.get("max_blocks", MAX_BLOCKS)
+    )
+    assert path == LOOP
+    for name, a, b in zip(["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias"], persistent_grads, loop_grads):
+        error = relative_error(a, b)
+        assert error <= GRAD_TOLERANCE[dtype], f"grad of {name}: persistent and loop differ by {error:.2e}"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_packed_sequences_of_different_lengths_take_the_loop(emu, reverse):
+    # The persistent kernels index a padded batch; a PackedSequence whose steps shrink takes the loop.
+    lengths = [5, 3, 3, 1]
+    input_size, hidden_size = 4, 9
+    lstm = nn.LSTM(input_size, hidden_size, dtype=torch.float64)
+    sequences = [nonzero_randn(n, input_size) for n in lengths]
+    packed = nn.utils.rnn.pack_sequence(sequences)
+    h0 = nonzero_randn(len(lengths), hidden_size)
+    c0 = nonzero_randn(len(lengths), hidden_size)
+    weights = [w.detach() for w in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
+    *outputs, path = emu.sequence_forward(
+        packed.data, packed.batch_sizes, h0, c0, *weights, reverse, False, MAX_SHARED, MAX_BLOCKS
+    )
+    assert path == LOOP
+    output, hy, cy, cell_states, gates = outputs
+    for b, sequence in enumerate(sequences):
+        steps = sequence.flip(0) if reverse else sequence
+        with torch.no_grad():
+            expected, (expected_h, expected_c) = lstm(steps, (h0[b:b + 1], c0[b:b + 1]))
+        if reverse:
+            expected = expected.flip(0)
+        rows = [sum(packed.batch_sizes[:t].tolist()) + b for t in range(lengths[b])]
+        assert relative_error(output[rows], expected) <= 1e-12
+        assert relative_error(hy[b], expected_h[0]) <= 1e-12
+        assert relative_error(cy[b], expected_c[0]) <= 1e-12
+    *_, backward_path = emu.sequence_backward(
+        torch.randn_like(output), None, None, None, None, packed.data, packed.batch_sizes, h0, c0, weights[0],
+        weights[1], output, cell_states, gates, reverse, ALL_GRADS, MAX_SHARED, MAX_BLOCKS,
+    )
+    assert backward_path == LOOP
+
+
+def test_gradients_of_the_saved_states_take_the_loop(emu):
+    # return_states' cell_states and gates have gradients the persistent backward does not take.
+    steps, batch, input_size, hidden_size = 3, 4, 5, 8
+    _, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, torch.float64)
+    (output, _, _, cell_states, gates), path = run_sequence(emu, x, h0, c0, weights, False)
+    assert path == PERSISTENT
+    common = (x.view(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, weights[0], weights[1], output,
+              cell_states, gates, False, ALL_GRADS, MAX_SHARED, MAX_BLOCKS)
+    grad_output = nonzero_randn(steps * batch, hidden_size)
+    grad_cell_states = nonzero_randn(steps * batch, hidden_size)
+    *with_states, path = emu.sequence_backward(grad_output, None, None, grad_cell_states, None, *common)
+    assert path == LOOP
+    *without, path = emu.sequence_backward(grad_output, None, None, None, None, *common)
+    assert path == PERSISTENT
+    # The cell states' gradient changed the result: the loop did not drop it.
+    assert not torch.allclose(with_states[0], without[0])
+    assert all(torch.isfinite(g).all() for g in with_states)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size", [(3, 9, 6, 32), (2, 17, 5, 48), (2, 33, 3, 16)])
+def test_float32_is_exact_unless_tf32_is_allowed(emu, steps, batch, input_size, hidden_size, reverse):
+    # TF32 off (torch's default): the float32 recurrence on FFMA, exact to float32 rounding. TF32
+    # allowed: the tensor-core kernel on 16x16x8 TF32 fragments (the emulation rounds the operands
+    # as the hardware does), within TF32's rounding (unit roundoff 2^-11) and visibly not exact.
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, torch.float32)
+    (expected_output, expected_h, expected_c), _ = reference_sequence(lstm, x, h0, c0, reverse)
+    errors = {}
+    for allow_tf32, wanted_path in [(False, PERSISTENT), (True, TENSOR_CORES)]:
+        (output, hy, cy, _, _), path = run_sequence(emu, x, h0, c0, weights, reverse, allow_tf32=allow_tf32)
+        assert path == wanted_path
+        errors[allow_tf32] = max(
+            relative_error(output.view(steps, batch, hidden_size), expected_output),
+            relative_error(hy, expected_h), relative_error(cy, expected_c),
+        )
+    assert errors[False] <= 1e-5, f"float32 without TF32: relative error {errors[False]:.2e}"
+    assert 1e-6 < errors[True] <= 5e-3, f"float32 with TF32: relative error {errors[True]:.2e}"
+    # Half and bfloat16 take the tensor cores whatever the setting.
+    *_, reduced = run_sequence(emu, x.half(), h0.half(), c0.half(), [w.half() for w in weights], reverse)
+    assert reduced == TENSOR_CORES
+
+
+def test_persistent_sequence_refuses_a_grid_that_cannot_be_resident(emu):
+    # 65 blocks of 8 units: more than the emulation keeps alive together (64), as a GPU has a
+    # co-residency limit; the op must take the loop rather than deadlock at the first grid barrier.
+    lstm, x, h0, c0, weights = lstm_case(2, 1, 3, 8 * 65, torch.float32)
+    (output, *_), path = run_sequence(emu, x, h0, c0, weights, False, max_blocks=10**6)
+    assert path == LOOP
+    (expected_output, _, _), _ = reference_sequence(lstm, x, h0, c0, False)
+    assert relative_error(output.view(2, 1, -1), expected_output) <= 1e-5

@@ -19,9 +19,10 @@
 //
 // Backward: one pointwise kernel for the gate gradients; the products are library GEMMs.
 //
-// Sequence (sequence_forward_persistent / sequence_backward_persistent): one cooperative launch
-// per layer direction runs every step, W_hh's slices resident in shared memory, a grid barrier per
-// step; half/bfloat16 forward products on tensor cores. See the section at the end.
+// Sequence (the sequence_forward / sequence_backward ops on a padded batch, csrc/cuda/sequence.cu):
+// one cooperative launch per layer direction runs every step, W_hh's slices resident in shared
+// memory, a grid barrier per step; half/bfloat16 forward products on tensor cores. See the section
+// at the end.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -823,9 +824,9 @@ void launch_cell_gate_grads(
 // across all steps; each step it stages h_{t-1} (all units, written by every block the step
 // before), computes its units' gates for every batch row, updates c and h, and the grid meets at a
 // grid-wide barrier before the next step reads the new h. Shapes whose weights or states do not fit
-// on chip, or whose grid cannot be co-resident, are refused (plan.fits false) and the caller falls
-// back to one fused step per launch. SIMT float accumulation in every dtype: tensor-core fragments
-// for bf16/fp16 (and TF32 where allowed) are not written yet.
+// on chip, or whose grid cannot be co-resident, are refused (plan.fits false) and the op runs the
+// device-independent loop instead (csrc/cuda/op_layer.h, csrc/sequence.cpp). The recurrent product
+// runs on tensor cores for half/bfloat16 (float32 accumulation), on exact FFMA for float and double.
 
 #if !defined(LSTM_FUSED_CUDA_EMULATION)
 // cudaLaunchCooperativeKernel takes its arguments as an array of pointers to them.
@@ -860,15 +861,22 @@ struct SequencePlan {
   bool tensor_cores;  // the forward's product on tensor cores (sequence_forward_persistent_mma_kernel)
 };
 
-// Tensor cores for half and bfloat16, on 16x16x16 tiles: the hidden size must be a multiple of 16
-// (K tiles, and 32-byte aligned rows of the staged tiles). Float32 stays on exact FFMA: TF32 is
-// not implemented in the persistent kernel.
+// Tensor cores for half and bfloat16 (16x16x16 fragments), and for float32 as TF32 (16x16x8) only
+// where the user allows TF32: torch.backends.cuda.matmul.allow_tf32, which the op layer reads
+// through at::globalContext() as cuBLAS does. By default float32 stays on exact FFMA, as nn.LSTM's
+// own products do. The hidden size must be a multiple of 16 (K tiles, and 32-byte aligned rows of
+// the staged tiles). Double always takes FFMA.
 constexpr int kMmaTile = 16;
 
 template <typename scalar_t>
-bool sequence_uses_tensor_cores(int64_t hidden_size) {
-  return sizeof(scalar_t) == 2 && hidden_size % kMmaTile == 0;
+bool sequence_uses_tensor_cores(int64_t hidden_size, bool allow_tf32) {
+  const bool has_fragments = sizeof(scalar_t) == 2 || (std::is_same_v<scalar_t, float> && allow_tf32);
+  return has_fragments && hidden_size % kMmaTile == 0;
 }
+
+// The K depth of one fragment product: 16 for half/bfloat16, 8 for TF32.
+template <typename scalar_t>
+constexpr int kMmaDepth = std::is_same_v<scalar_t, float> ? 8 : kMmaTile;
 
 // How the tensor-core forward splits a block's product [rows, 4 * kSequenceUnits = 32 columns]
 // over its 8 warps: 16x16 output tiles (2 per 16 rows), and, when there are fewer tiles than
@@ -893,11 +901,12 @@ LSTM_FUSED_HOST_DEVICE MmaSplit mma_split(int64_t batch) {
 // kernel at shared_bytes can be co-resident (occupancy x SMs), 0 when cooperative launches are
 // unsupported.
 template <typename scalar_t>
-SequencePlan plan_persistent_sequence(int64_t batch, int64_t hidden_size, size_t max_shared_bytes, int64_t max_blocks) {
+SequencePlan plan_persistent_sequence(
+    int64_t batch, int64_t hidden_size, bool allow_tf32, size_t max_shared_bytes, int64_t max_blocks) {
   using opmath_t = at::opmath_type<scalar_t>;
   SequencePlan plan;
   plan.blocks = ceil_div(hidden_size, kSequenceUnits);
-  plan.tensor_cores = sequence_uses_tensor_cores<scalar_t>(hidden_size);
+  plan.tensor_cores = sequence_uses_tensor_cores<scalar_t>(hidden_size, allow_tf32);
   const size_t weight_bytes = static_cast<size_t>(4 * kSequenceUnits * hidden_size) * sizeof(scalar_t);
   if (plan.tensor_cores) {
     // The warps' float partial tiles, h_{t-1} in the storage type padded to 16 rows, the weights.
@@ -910,6 +919,79 @@ SequencePlan plan_persistent_sequence(int64_t batch, int64_t hidden_size, size_t
   }
   plan.fits = batch > 0 && hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
   return plan;
+}
+
+// Once for all steps: a block's gate rows of W_hh, [4][kSequenceUnits][H] (row g * kSequenceUnits
+// + u is gate g of unit unit_base + u), zeros past the last unit. The first step's barrier orders
+// these writes before their reads.
+template <typename scalar_t>
+__device__ __forceinline__ void load_resident_gate_rows(
+    scalar_t* __restrict__ resident, const scalar_t* __restrict__ weight_hh, int64_t unit_base, int64_t H) {
+  const int64_t weight_elements = 4 * kSequenceUnits * H;
+  for (int64_t index = threadIdx.x; index < weight_elements; index += blockDim.x) {
+    const int64_t row = index / H;
+    const int64_t k = index - row * H;
+    const int64_t gate = row / kSequenceUnits;
+    const int64_t row_unit = unit_base + row % kSequenceUnits;
+    resident[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * H + k] : scalar_t(0);
+  }
+}
+
+// Visit s of the forward: the step t it computes, and the state it starts from (hx, cx at the
+// first visit, else the previous visit's rows of output and cell_states).
+template <typename scalar_t>
+struct SequenceVisit {
+  int64_t t;
+  const scalar_t* h_prev;
+  const scalar_t* c_prev;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ SequenceVisit<scalar_t> sequence_visit(
+    const SequenceShape& shape, int64_t s, const scalar_t* hx, const scalar_t* cx, const scalar_t* output,
+    const scalar_t* cell_states) {
+  const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
+  const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
+  const int64_t state_elements = shape.batch * shape.hidden_size;
+  return {t, s == 0 ? hx : output + t_prev * state_elements, s == 0 ? cx : cell_states + t_prev * state_elements};
+}
+
+// The cell update of one (row, unit) at visit s from its four pre-activations, and its writes: h
+// and c into the step's rows, the activated gates (when wanted), and h_n, c_n at the last visit.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void finish_sequence_unit(
+    const opmath_t (&preactivation)[4],
+    const SequenceShape& shape,
+    const SequenceVisit<scalar_t>& visit,
+    int64_t s,
+    int64_t row,
+    int64_t unit,
+    scalar_t* output,
+    scalar_t* cell_states,
+    scalar_t* __restrict__ gates,
+    scalar_t* __restrict__ hy,
+    scalar_t* __restrict__ cy) {
+  const int64_t B = shape.batch;
+  const int64_t H = shape.hidden_size;
+  const int64_t state_offset = row * H + unit;
+  const auto step = math::cell_forward(
+      math::Gates<opmath_t>{preactivation[0], preactivation[1], preactivation[2], preactivation[3]},
+      static_cast<opmath_t>(visit.c_prev[state_offset]));
+  const scalar_t h_new = static_cast<scalar_t>(step.hidden_state);
+  const scalar_t c_new = static_cast<scalar_t>(step.cell_state);
+  output[visit.t * B * H + state_offset] = h_new;
+  cell_states[visit.t * B * H + state_offset] = c_new;
+  if (gates != nullptr) {
+    scalar_t* gate_row = gates + (visit.t * B + row) * 4 * H + unit;
+    gate_row[0] = static_cast<scalar_t>(step.gates.input);
+    gate_row[H] = static_cast<scalar_t>(step.gates.forget);
+    gate_row[2 * H] = static_cast<scalar_t>(step.gates.cell);
+    gate_row[3 * H] = static_cast<scalar_t>(step.gates.output);
+  }
+  if (s == shape.steps - 1) {
+    hy[state_offset] = h_new;
+    cy[state_offset] = c_new;
+  }
 }
 
 // `output` and `cell_states` are written by every block and read by every block at the next step:
@@ -937,26 +1019,14 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
   const int lane = threadIdx.x % kWarpSize;
   const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
   const int64_t unit = unit_base + warp;
-
-  // Once for all steps: this block's gate rows of W_hh (zeros past the last unit).
-  const int64_t weight_elements = 4 * kSequenceUnits * H;
-  for (int64_t index = threadIdx.x; index < weight_elements; index += blockDim.x) {
-    const int64_t row = index / H;
-    const int64_t k = index - row * H;
-    const int64_t gate = row / kSequenceUnits;
-    const int64_t row_unit = unit_base + row % kSequenceUnits;
-    resident_weight[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * H + k] : scalar_t(0);
-  }
+  load_resident_gate_rows(resident_weight, weight_hh, unit_base, H);
 
   for (int64_t s = 0; s < shape.steps; ++s) {
-    const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
-    const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
-    const scalar_t* h_prev = s == 0 ? hx : output + t_prev * B * H;
-    const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
+    const SequenceVisit<scalar_t> visit = sequence_visit(shape, s, hx, cx, output, cell_states);
     // The previous step's grid barrier has ordered every block's h writes before these reads, and
     // every warp of this block has finished reading the previous staged_h.
     for (int64_t index = threadIdx.x; index < B * H; index += blockDim.x) {
-      staged_h[index] = static_cast<opmath_t>(h_prev[index]);
+      staged_h[index] = static_cast<opmath_t>(visit.h_prev[index]);
     }
     __syncthreads();
     if (unit < H) {
@@ -1001,31 +1071,13 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
         for (int r = 0; r < kSequenceRowTile; ++r) {
           const int64_t row = row_begin + r;
           if (lane == r && row < B) {
-            const scalar_t* projected_row = projected + (t * B + row) * 4 * H + unit;
+            const scalar_t* projected_row = projected + (visit.t * B + row) * 4 * H + unit;
             opmath_t preactivation[4];
 #pragma unroll
             for (int gate = 0; gate < 4; ++gate) {
               preactivation[gate] = accumulators[gate][r] + static_cast<opmath_t>(projected_row[gate * H]);
             }
-            const int64_t state_offset = row * H + unit;
-            const auto step = math::cell_forward(
-                math::Gates<opmath_t>{preactivation[0], preactivation[1], preactivation[2], preactivation[3]},
-                static_cast<opmath_t>(c_prev[state_offset]));
-            const scalar_t h_new = static_cast<scalar_t>(step.hidden_state);
-            const scalar_t c_new = static_cast<scalar_t>(step.cell_state);
-            output[t * B * H + state_offset] = h_new;
-            cell_states[t * B * H + state_offset] = c_new;
-            if (gates != nullptr) {
-              scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
-              gate_row[0] = static_cast<scalar_t>(step.gates.input);
-              gate_row[H] = static_cast<scalar_t>(step.gates.forget);
-              gate_row[2 * H] = static_cast<scalar_t>(step.gates.cell);
-              gate_row[3 * H] = static_cast<scalar_t>(step.gates.output);
-            }
-            if (s == shape.steps - 1) {
-              hy[state_offset] = h_new;
-              cy[state_offset] = c_new;
-            }
+            finish_sequence_unit(preactivation, shape, visit, s, row, unit, output, cell_states, gates, hy, cy);
           }
         }
       }
@@ -1037,12 +1089,24 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
   }
 }
 
-#if defined(LSTM_FUSED_CUDA_EMULATION)
-template <typename scalar_t>
-using MmaElement = scalar_t;
-#else
+// A fragment's element type (MmaElement) and the type its loads read from shared memory
+// (MmaSource): the storage type for half/bfloat16; for float32, TF32 fragments loaded from float.
 template <typename scalar_t>
 struct MmaElementOf;
+template <>
+struct MmaElementOf<float> {
+  using type = nvcuda::wmma::precision::tf32;
+};
+#if defined(LSTM_FUSED_CUDA_EMULATION)
+template <>
+struct MmaElementOf<c10::Half> {
+  using type = c10::Half;
+};
+template <>
+struct MmaElementOf<c10::BFloat16> {
+  using type = c10::BFloat16;
+};
+#else
 template <>
 struct MmaElementOf<c10::Half> {
   using type = __half;
@@ -1051,14 +1115,28 @@ template <>
 struct MmaElementOf<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
+#endif
 template <typename scalar_t>
 using MmaElement = typename MmaElementOf<scalar_t>::type;
-#endif
+template <typename scalar_t>
+using MmaSource = std::conditional_t<std::is_same_v<scalar_t, float>, float, MmaElement<scalar_t>>;
 
-// The persistent forward with the recurrent product on tensor cores (half and bfloat16, float32
-// accumulation): per step, the block's product h_{t-1} [rows, H] x W_slice^T [H, 32] as 16x16x16
-// fragments (mma_split), the partial tiles through shared memory, and the same epilogue and grid
-// barrier as the SIMT kernel. Same parameters as sequence_forward_persistent_kernel.
+// TF32 fragments take float32 values rounded to TF32 (10 mantissa bits) after the load; half and
+// bfloat16 fragments are used as loaded.
+template <typename scalar_t, typename Fragment>
+__device__ __forceinline__ void round_for_mma(Fragment& fragment) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int e = 0; e < fragment.num_elements; ++e) {
+      fragment.x[e] = nvcuda::wmma::__float_to_tf32(fragment.x[e]);
+    }
+  }
+}
+
+// The persistent forward with the recurrent product on tensor cores (half and bfloat16, or float32
+// as TF32 where allowed; float32 accumulation): per step, the block's product h_{t-1} [rows, H] x
+// W_slice^T [H, 32] as 16x16xK fragments (mma_split, K = kMmaDepth), the partial tiles through
+// shared memory, and the same epilogue and grid barrier as the SIMT kernel. Same parameters as
+// sequence_forward_persistent_kernel.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_mma_kernel(
     const scalar_t* __restrict__ projected,
@@ -1073,6 +1151,8 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
     const SequenceShape shape) {
   namespace wmma = nvcuda::wmma;
   using element_t = MmaElement<scalar_t>;
+  using source_t = MmaSource<scalar_t>;
+  constexpr int kDepth = kMmaDepth<scalar_t>;
   constexpr int kTileElements = kMmaTile * kMmaTile;
   const int64_t B = shape.batch;
   const int64_t H = shape.hidden_size;
@@ -1083,24 +1163,13 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
 
   const int warp = threadIdx.x / kWarpSize;
   const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
-
-  const int64_t weight_elements = 4 * kSequenceUnits * H;
-  for (int64_t index = threadIdx.x; index < weight_elements; index += blockDim.x) {
-    const int64_t row = index / H;
-    const int64_t k = index - row * H;
-    const int64_t gate = row / kSequenceUnits;
-    const int64_t row_unit = unit_base + row % kSequenceUnits;
-    resident_weight[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * H + k] : scalar_t(0);
-  }
+  load_resident_gate_rows(resident_weight, weight_hh, unit_base, H);
 
   for (int64_t s = 0; s < shape.steps; ++s) {
-    const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
-    const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
-    const scalar_t* h_prev = s == 0 ? hx : output + t_prev * B * H;
-    const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
+    const SequenceVisit<scalar_t> visit = sequence_visit(shape, s, hx, cx, output, cell_states);
     // Rows past the batch are zeros: their products are computed and never read.
     for (int64_t index = threadIdx.x; index < split.padded_rows * H; index += blockDim.x) {
-      staged_h[index] = index < B * H ? h_prev[index] : scalar_t(0);
+      staged_h[index] = index < B * H ? visit.h_prev[index] : scalar_t(0);
     }
     __syncthreads();
     // Uniform per warp: every lane of a warp takes the same items, as the fragments require.
@@ -1109,13 +1178,15 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
       const int part = item / split.tiles;
       const int64_t row_tile = tile / 2;
       const int64_t column_tile = tile % 2;
-      wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float> accumulator;
+      wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kDepth, float> accumulator;
       wmma::fill_fragment(accumulator, 0.0f);
-      for (int64_t k0 = static_cast<int64_t>(part) * kMmaTile; k0 < H; k0 += static_cast<int64_t>(split.splits) * kMmaTile) {
-        wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, element_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, element_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const element_t*>(staged_h + row_tile * kMmaTile * H + k0), H);
-        wmma::load_matrix_sync(b, reinterpret_cast<const element_t*>(resident_weight + column_tile * kMmaTile * H + k0), H);
+      for (int64_t k0 = static_cast<int64_t>(part) * kDepth; k0 < H; k0 += static_cast<int64_t>(split.splits) * kDepth) {
+        wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kDepth, element_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kDepth, element_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const source_t*>(staged_h + row_tile * kMmaTile * H + k0), H);
+        wmma::load_matrix_sync(b, reinterpret_cast<const source_t*>(resident_weight + column_tile * kMmaTile * H + k0), H);
+        round_for_mma<scalar_t>(a);
+        round_for_mma<scalar_t>(b);
         wmma::mma_sync(accumulator, a, b, accumulator);
       }
       wmma::store_matrix_sync(partial + item * kTileElements, accumulator, kMmaTile, wmma::mem_row_major);
@@ -1130,7 +1201,7 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
       }
       const int64_t row_tile = row / kMmaTile;
       const int row_in_tile = static_cast<int>(row % kMmaTile);
-      const scalar_t* projected_row = projected + (t * B + row) * 4 * H + unit;
+      const scalar_t* projected_row = projected + (visit.t * B + row) * 4 * H + unit;
       float preactivation[4];
 #pragma unroll
       for (int gate = 0; gate < 4; ++gate) {
@@ -1142,25 +1213,7 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
         }
         preactivation[gate] = sum;
       }
-      const int64_t state_offset = row * H + unit;
-      const auto step = math::cell_forward(
-          math::Gates<float>{preactivation[0], preactivation[1], preactivation[2], preactivation[3]},
-          static_cast<float>(c_prev[state_offset]));
-      const scalar_t h_new = static_cast<scalar_t>(step.hidden_state);
-      const scalar_t c_new = static_cast<scalar_t>(step.cell_state);
-      output[t * B * H + state_offset] = h_new;
-      cell_states[t * B * H + state_offset] = c_new;
-      if (gates != nullptr) {
-        scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
-        gate_row[0] = static_cast<scalar_t>(step.gates.input);
-        gate_row[H] = static_cast<scalar_t>(step.gates.forget);
-        gate_row[2 * H] = static_cast<scalar_t>(step.gates.cell);
-        gate_row[3 * H] = static_cast<scalar_t>(step.gates.output);
-      }
-      if (s == shape.steps - 1) {
-        hy[state_offset] = h_new;
-        cy[state_offset] = c_new;
-      }
+      finish_sequence_unit(preactivation, shape, visit, s, row, unit, output, cell_states, gates, hy, cy);
     }
     __threadfence();
     cooperative_groups::this_grid().sync();
@@ -1175,7 +1228,7 @@ using SequenceForwardKernel = void (*)(
 // The forward kernel a plan launches (and whose occupancy the caller checks).
 template <typename scalar_t>
 SequenceForwardKernel<scalar_t> persistent_forward_kernel(bool tensor_cores) {
-  if constexpr (sizeof(scalar_t) == 2) {
+  if constexpr (sizeof(scalar_t) == 2 || std::is_same_v<scalar_t, float>) {
     if (tensor_cores) {
       return sequence_forward_persistent_mma_kernel<scalar_t>;
     }

@@ -620,7 +620,7 @@ inline grid_group this_grid() {
 }  // namespace cooperative_groups
 
 // ------------------------------------------------------------------------------------------------
-// Tensor-core fragments (nvcuda::wmma), for 16x16x16 tiles. The GPU spreads a fragment over the
+// Tensor-core fragments (nvcuda::wmma), for 16x16x16 tiles (16x16x8 for TF32). The GPU spreads a fragment over the
 // warp's lanes in a layout the API leaves unspecified; here every lane holds the whole tile, which
 // that contract allows, and each operation is warp-collective: it starts and ends with a warp
 // barrier, as the GPU requires all 32 lanes to reach it together. Products accumulate in float.
@@ -635,6 +635,31 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};  // float32 operands of 16x16x8 products, used at TF32's precision
+}  // namespace precision
+
+// float32 rounded to TF32: 10 explicit mantissa bits, to nearest with ties away from zero (PTX's
+// cvt.rna.tf32.f32); infinities and NaN pass through.
+inline float __float_to_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) {
+    bits = (bits + 0x1000u) & 0xffffe000u;
+  }
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
+
+// What the tensor cores read of a TF32 operand: the top 19 bits (a value not rounded by
+// __float_to_tf32 first is truncated), so a kernel that forgets the rounding differs.
+inline float tf32_operand(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= 0xffffe000u;
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
@@ -679,7 +704,11 @@ void mma_sync(
     for (int j = 0; j < N; ++j) {
       float sum = c.x[i * N + j];
       for (int k = 0; k < K; ++k) {
-        sum += a.x[i * K + k] * b.x[k * N + j];
+        if constexpr (std::is_same_v<TA, precision::tf32>) {
+          sum += tf32_operand(a.x[i * K + k]) * tf32_operand(b.x[k * N + j]);
+        } else {
+          sum += a.x[i * K + k] * b.x[k * N + j];
+        }
       }
       result[i * N + j] = sum;
     }

@@ -5,6 +5,7 @@
 // allocates. Outputs start NaN-filled, so an element a kernel does not write fails the tests.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -13,7 +14,7 @@
 #include "selftest_kernels.cuh"
 // After the emulation, which defines the builtins it uses.
 #include "cuda/cell_kernels.cuh"
-#include "cuda/sequence_host.h"
+#include "cuda/op_layer.h"
 
 namespace lstm_fused_emulated {
 namespace {
@@ -145,16 +146,9 @@ std::tuple<at::Tensor, at::Tensor> cell_gate_grads(
   return {grad_preactivation, grad_cx};
 }
 
-kernels::ForwardDtype forward_dtype(at::ScalarType dtype) {
-  if (dtype == at::kHalf || dtype == at::kBFloat16) {
-    return kernels::ForwardDtype::kReduced;
-  }
-  return dtype == at::kDouble ? kernels::ForwardDtype::kDouble : kernels::ForwardDtype::kFloat;
-}
-
 // The path lstm_cell.cu's cell_forward takes: use_fused_forward() itself.
 bool use_fused_forward(int64_t batch, int64_t hidden_size, at::ScalarType dtype, bool allow_tf32) {
-  return kernels::use_fused_forward(batch, hidden_size, forward_dtype(dtype), allow_tf32);
+  return kernels::use_fused_forward(batch, hidden_size, kernels::forward_dtype(dtype), allow_tf32);
 }
 
 // The fused launch's plan: (batch tile, blocks, warps per unit, chunk elements, shared bytes).
@@ -169,12 +163,136 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> plan_fused_forward(
           static_cast<int64_t>(plan.shared_bytes)};
 }
 
-// The persistent sequence forward over a padded [T, B, I] input, as lstm_cell.cu's
-// sequence_forward_persistent launches it; co-residency as the emulation allows (at most
-// kMaxCooperativeBlocks blocks, 227 KiB of shared memory each). Returns output, hy, cy,
-// cell_states, gates and which kernel ran: 0 none (the shape does not fit), 1 SIMT, 2 tensor cores.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_forward_persistent(
+// op_layer.h's Device under the emulation: co-residency as the test says the GPU would allow (at
+// most what the emulation can hold), the library's own sequence ops on the CPU as the loop (the
+// same device-independent code the GPU falls back to), NaN-filled outputs, plain ATen products.
+struct Emulation {
+  struct Guard {
+    explicit Guard(at::Device) {}
+  };
+  kernels::CooperativeLimits limits;
+
+  template <typename scalar_t>
+  kernels::CooperativeLimits forward_limits(const kernels::SequencePlan&) const {
+    return limits;
+  }
+  template <typename scalar_t>
+  kernels::CooperativeLimits backward_limits(const kernels::SequencePlan&) const {
+    return limits;
+  }
+  cudaStream_t stream() const {
+    return nullptr;
+  }
+  at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) const {
+    return poisoned(sizes, options);
+  }
+  // The shape checks the persistent path relies on (the library's check_sequence_forward_args
+  // does more, and runs in the loop).
+  std::vector<int64_t> check_forward_args(
+      const at::Tensor& input,
+      const at::Tensor& batch_sizes,
+      const at::Tensor& hx,
+      const at::Tensor& cx,
+      const at::Tensor& weight_ih,
+      const at::Tensor& weight_hh,
+      const std::optional<at::Tensor>& bias_ih,
+      const std::optional<at::Tensor>& bias_hh) const {
+    for (const at::Tensor* t : {&input, &hx, &cx, &weight_ih, &weight_hh}) {
+      check_input(*t, "argument", input);
+    }
+    TORCH_CHECK(batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1, "batch_sizes: 1-D int64");
+    const at::Tensor sizes_c = batch_sizes.contiguous();
+    std::vector<int64_t> sizes(sizes_c.const_data_ptr<int64_t>(), sizes_c.const_data_ptr<int64_t>() + sizes_c.numel());
+    int64_t rows = 0;
+    for (const int64_t b : sizes) {
+      rows += b;
+    }
+    const int64_t hidden_size = weight_hh.size(1);
+    TORCH_CHECK(input.dim() == 2 && input.size(0) == rows, "input: [sum(batch_sizes), input_size]");
+    TORCH_CHECK(weight_ih.sizes() == at::IntArrayRef({4 * hidden_size, input.size(1)}), "weight_ih shape");
+    TORCH_CHECK(weight_hh.sizes() == at::IntArrayRef({4 * hidden_size, hidden_size}), "weight_hh shape");
+    TORCH_CHECK(!sizes.empty() && hx.sizes() == at::IntArrayRef({sizes[0], hidden_size}), "hx shape");
+    TORCH_CHECK(cx.sizes() == hx.sizes(), "cx shape");
+    for (const auto* b : {&bias_ih, &bias_hh}) {
+      TORCH_CHECK(!b->has_value() || (*b)->sizes() == at::IntArrayRef({4 * hidden_size}), "bias shape");
+    }
+    return sizes;
+  }
+  kernels::ForwardOutputs forward_loop(
+      const at::Tensor& input,
+      const at::Tensor& batch_sizes,
+      const at::Tensor& hx,
+      const at::Tensor& cx,
+      const at::Tensor& weight_ih,
+      const at::Tensor& weight_hh,
+      const std::optional<at::Tensor>& bias_ih,
+      const std::optional<at::Tensor>& bias_hh,
+      bool reverse) const {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_fused::sequence_forward", "")
+                               .typed<kernels::ForwardOutputs(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
+  }
+  kernels::BackwardOutputs backward_loop(
+      const std::optional<at::Tensor>& grad_output,
+      const std::optional<at::Tensor>& grad_hy,
+      const std::optional<at::Tensor>& grad_cy,
+      const std::optional<at::Tensor>& grad_cell_states,
+      const std::optional<at::Tensor>& grad_gates,
+      const at::Tensor& input,
+      const at::Tensor& batch_sizes,
+      const at::Tensor& hx,
+      const at::Tensor& cx,
+      const at::Tensor& weight_ih,
+      const at::Tensor& weight_hh,
+      const at::Tensor& output,
+      const at::Tensor& cell_states,
+      const at::Tensor& gates,
+      bool reverse,
+      std::array<bool, 6> output_mask) const {
+    using Optional = const std::optional<at::Tensor>&;
+    using T = const at::Tensor&;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_fused::sequence_backward", "")
+                               .typed<kernels::BackwardOutputs(
+                                   Optional, Optional, Optional, Optional, Optional, T, T, T, T, T, T, T, T, T, bool,
+                                   std::array<bool, 6>)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(
+        grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
+        output, cell_states, gates, reverse, output_mask);
+  }
+  kernels::SequenceProducts products(
+      const at::Tensor& grad_preactivation,
+      const at::Tensor& input,
+      const at::Tensor& hidden,
+      const at::Tensor& weight_ih,
+      const std::array<bool, 6>& output_mask) const {
+    const auto empty = [&] { return at::empty({0}, input.options()); };
+    return {
+        output_mask[0] ? at::mm(grad_preactivation, weight_ih) : empty(),
+        output_mask[3] ? at::mm(grad_preactivation.t(), input) : empty(),
+        output_mask[4] ? at::mm(grad_preactivation.t(), hidden) : empty(),
+        output_mask[5] ? grad_preactivation.sum(0) : empty(),
+    };
+  }
+};
+
+Emulation emulation(int64_t max_shared_bytes, int64_t max_blocks) {
+  return Emulation{{std::min(static_cast<size_t>(max_shared_bytes), cuda_emulation::kOptInSharedBytes),
+                    std::min<int64_t>(max_blocks, cuda_emulation::kMaxCooperativeBlocks)}};
+}
+
+// The sequence_forward op as sequence.cu registers it for CUDA (op_layer.h's sequence_forward_op),
+// on a device that allows max_blocks co-resident blocks of max_shared_bytes each. Returns the op's
+// outputs and which path ran (kernels::SequencePath: 0 the loop, 1 SIMT, 2 tensor cores).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_forward(
     const at::Tensor& input,
+    const at::Tensor& batch_sizes,
     const at::Tensor& hx,
     const at::Tensor& cx,
     const at::Tensor& weight_ih,
@@ -182,47 +300,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
     bool reverse,
-    bool write_gates) {
-  const int64_t steps = input.size(0);
-  const int64_t batch = input.size(1);
-  const int64_t hidden_size = weight_hh.size(1);
-  const at::Tensor projected = kernels::project_inputs(input, weight_ih, bias_ih, bias_hh);
-  const auto options = input.options();
-  at::Tensor output = poisoned({steps, batch, hidden_size}, options);
-  at::Tensor cell_states = poisoned({steps, batch, hidden_size}, options);
-  at::Tensor gates = poisoned({steps, batch, 4 * hidden_size}, options);
-  at::Tensor hy = poisoned({batch, hidden_size}, options);
-  at::Tensor cy = poisoned({batch, hidden_size}, options);
-  int64_t ran = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_sequence", [&] {
-    const kernels::SequencePlan plan = kernels::plan_persistent_sequence<scalar_t>(
-        batch, hidden_size, cuda_emulation::kOptInSharedBytes, cuda_emulation::kMaxCooperativeBlocks);
-    if (!plan.fits || steps == 0) {
-      return;
-    }
-    const at::Tensor w_hh = weight_hh.contiguous();
-    const at::Tensor h0 = hx.contiguous();
-    const at::Tensor c0 = cx.contiguous();
-    const kernels::SequencePointers<scalar_t> pointers{
-        projected.const_data_ptr<scalar_t>(), w_hh.const_data_ptr<scalar_t>(), h0.const_data_ptr<scalar_t>(),
-        c0.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), cell_states.mutable_data_ptr<scalar_t>(),
-        write_gates ? gates.mutable_data_ptr<scalar_t>() : nullptr, hy.mutable_data_ptr<scalar_t>(),
-        cy.mutable_data_ptr<scalar_t>()};
-    kernels::launch_persistent_sequence<scalar_t>(
-        pointers, kernels::SequenceShape{steps, batch, hidden_size, reverse}, plan, nullptr);
-    ran = plan.tensor_cores ? 2 : 1;
-  });
-  return {output, hy, cy, cell_states, gates, ran};
+    bool allow_tf32,
+    int64_t max_shared_bytes,
+    int64_t max_blocks) {
+  kernels::SequencePath path;
+  auto [output, hy, cy, cell_states, gates] = kernels::sequence_forward_op(
+      emulation(max_shared_bytes, max_blocks), &path, input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih,
+      bias_hh, reverse, allow_tf32);
+  return {output, hy, cy, cell_states, gates, static_cast<int64_t>(path)};
 }
 
-// Backpropagation through time with the persistent backward kernel, from the forward's saved
-// output, cell_states and gates. Returns grad_input, grad_hx, grad_cx, grad_weight_ih,
-// grad_weight_hh, grad_bias and whether the persistent kernel ran.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool> sequence_backward_persistent(
+// The sequence_backward op as sequence.cu registers it for CUDA. Returns the op's gradients and
+// which path ran (0 the loop, 1 the persistent kernel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_backward(
     const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy,
     const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_cell_states,
+    const std::optional<at::Tensor>& grad_gates,
     const at::Tensor& input,
+    const at::Tensor& batch_sizes,
     const at::Tensor& hx,
     const at::Tensor& cx,
     const at::Tensor& weight_ih,
@@ -230,39 +327,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& output,
     const at::Tensor& cell_states,
     const at::Tensor& gates,
-    bool reverse) {
-  const int64_t steps = input.size(0);
-  const int64_t batch = input.size(1);
-  const int64_t hidden_size = weight_hh.size(1);
-  const auto options = input.options();
-  at::Tensor grad_preactivation = poisoned({steps, batch, 4 * hidden_size}, options);
-  at::Tensor grad_cx = poisoned({batch, hidden_size}, options);
-  const at::Tensor go = optional_dense(grad_output);
-  const at::Tensor gh = optional_dense(grad_hy);
-  const at::Tensor gc = optional_dense(grad_cy);
-  bool ran = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulated_sequence_backward", [&] {
-    const kernels::SequencePlan plan = kernels::plan_persistent_sequence_backward<scalar_t>(
-        hidden_size, cuda_emulation::kOptInSharedBytes, cuda_emulation::kMaxCooperativeBlocks);
-    if (!plan.fits || steps == 0 || batch == 0) {
-      return;
-    }
-    const at::Tensor w_hh = weight_hh.contiguous();
-    const kernels::SequenceBackwardPointers<scalar_t> pointers{
-        data_or_null<scalar_t>(go), data_or_null<scalar_t>(gh), data_or_null<scalar_t>(gc),
-        w_hh.const_data_ptr<scalar_t>(), cx.contiguous().const_data_ptr<scalar_t>(),
-        cell_states.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
-        grad_preactivation.mutable_data_ptr<scalar_t>(), grad_cx.mutable_data_ptr<scalar_t>()};
-    kernels::launch_persistent_sequence_backward<scalar_t>(
-        pointers, kernels::SequenceShape{steps, batch, hidden_size, reverse}, plan, nullptr);
-    ran = true;
-  });
-  if (!ran) {
-    return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), false};
-  }
-  const kernels::SequenceGrads grads =
-      kernels::sequence_products(grad_preactivation, input, hx, output, weight_ih, weight_hh, reverse);
-  return {grads.input, grads.hx, grad_cx, grads.weight_ih, grads.weight_hh, grads.bias, true};
+    bool reverse,
+    std::array<bool, 6> output_mask,
+    int64_t max_shared_bytes,
+    int64_t max_blocks) {
+  kernels::SequencePath path;
+  auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = kernels::sequence_backward_op(
+      emulation(max_shared_bytes, max_blocks), &path, grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates,
+      input, batch_sizes, hx, cx, weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask);
+  return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, static_cast<int64_t>(path)};
 }
 
 // Checks of the emulation itself, each with a kernel of selftest_kernels.cuh.
@@ -334,14 +407,16 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       "(int, int, int, int, int)",
       &plan_fused_forward);
   m.def(
-      "sequence_forward_persistent(Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool write_gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, int)",
-      &sequence_forward_persistent);
+      "sequence_forward(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool allow_tf32, int max_shared_bytes, int max_blocks) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, int)",
+      &sequence_forward);
   m.def(
-      "sequence_backward_persistent(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor hx, "
-      "Tensor cx, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool)",
-      &sequence_backward_persistent);
+      "sequence_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_cell_states, "
+      "Tensor? grad_gates, Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse, bool[6] output_mask, "
+      "int max_shared_bytes, int max_blocks) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)",
+      &sequence_backward);
   m.def("selftest(str name, int blocks, int threads) -> Tensor", &selftest);
 }
 
