@@ -74,13 +74,15 @@ def check_devices(input: Tensor, hx, weights) -> None:
             )
 
 
-def autocast_as_nn_lstm(data: Tensor, packed: bool):
-    """A context with autocast off where autocast leaves nn.LSTM's call alone. On the CPU it reaches
-    nn.LSTM only through oneDNN's layer (mkldnn_rnn_layer is on autocast's list), which nn runs for
-    padded, non-empty input while oneDNN is enabled: packed input, an empty batch or oneDNN turned
-    off compute in the input's dtype. (On CUDA cuDNN's RNN is on the list for both layouts.)"""
+def autocast_as_nn_lstm(data: Tensor, packed: bool, projected: bool):
+    """A context with autocast off where autocast leaves nn.LSTM's call alone. Without projections
+    it reaches nn.LSTM on the CPU only through oneDNN's layer (mkldnn_rnn_layer is on autocast's
+    list), which nn runs for padded, non-empty input while oneDNN is enabled: packed input, an empty
+    batch or oneDNN turned off compute in the input's dtype. (With projections nn never uses oneDNN,
+    and autocast casts its products in every layout; on CUDA cuDNN's RNN is on the list.)"""
     if (
         data.device.type == "cpu"
+        and not projected
         and torch.is_autocast_enabled("cpu")
         and (packed or data.numel() == 0 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled))
     ):
@@ -131,6 +133,15 @@ class LSTM(nn.LSTM):
             direction``): every step's activated gates and cell state.
 
     Returns ``(output, (h_n, c_n))`` with nn.LSTM's shapes, or ``(output, (h_n, c_n), states)``.
+
+    Bad arguments raise nn.LSTM's exception types, with a message naming the argument; hx must be
+    exactly two tensors (nn.LSTM drops a third for unbatched or unsorted packed input, this refuses
+    it). On the CPU, under the same seed, training-mode dropout draws nn.LSTM's masks. Under
+    ``torch.autocast`` the outputs have nn.LSTM's dtypes: on the CPU, without projections, only
+    padded, non-empty input is computed in the autocast dtype (where nn.LSTM's oneDNN path runs),
+    packed input in its own.
+    Parametrized weights (``torch.nn.utils.parametrize``, weight_norm) and weights shared with other
+    modules or replaced after construction are read afresh on every call.
 
     Double backward (``create_graph=True``, gradient penalties), ``torch.func`` transforms and
     forward-mode AD work, with nn.LSTM's answers: under them the recurrence runs as
@@ -201,7 +212,7 @@ class LSTM(nn.LSTM):
             hx = self.permute_hidden(hx, sorted_indices)
 
         check_devices(data, hx, self._flat_weights)
-        with autocast_as_nn_lstm(data, packed):
+        with autocast_as_nn_lstm(data, packed, self.proj_size > 0):
             output, h_n, c_n, states = functional.lstm_layers(
                 data,
                 batch_sizes,
