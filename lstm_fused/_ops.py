@@ -56,8 +56,23 @@ except RuntimeError as error:
     raise ImportError(str(error).splitlines()[0]) from None
 
 
+def _check_one_device(input, **others):
+    """Every tensor on input's device. A call mixing the meta device with another reaches these
+    fake implementations, which would otherwise hand back uninitialised tensors on input's device."""
+    for name, tensor in others.items():
+        torch._check(
+            tensor is None or tensor.device == input.device,
+            lambda: f"lstm_fused: {name} is on device {tensor.device} but input is on {input.device}; "
+            "all tensors of an LSTM cell must be on one device",
+        )
+
+
 @torch.library.register_fake("lstm_fused::cell_forward")
 def _cell_forward_fake(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh):
+    _check_one_device(
+        input, **{"hx (h_0)": hx, "cx (c_0)": cx}, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih,
+        bias_hh=bias_hh,
+    )
     batch, hidden_size = input.shape[0], weight_hh.shape[1]
     return (
         input.new_empty(batch, hidden_size),

@@ -1,4 +1,5 @@
 """Drop-in replacements for torch.nn's recurrent modules."""
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,53 @@ class LSTMCell(nn.LSTMCell):
         return functional.lstm_cell(
             input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, return_gates=return_gates
         )
+
+
+def check_state_pair(hx) -> None:
+    """hx must be (h_0, c_0): nn.LSTM's exception types, with a message saying what was given.
+    nn fails with an IndexError when it looks for a missing hx[1], and with a RuntimeError ("lstm
+    expects two hidden states") for more than two; a third state is never silently dropped."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two Tensors, got {type(hx).__name__}")
+    if len(hx) != 2:
+        error = IndexError if len(hx) < 2 else RuntimeError
+        raise error(f"LSTM: hx must be a tuple (h_0, c_0) of two Tensors, got {len(hx)} element(s)")
+    for name, state in zip(("h_0", "c_0"), hx):
+        if not isinstance(state, Tensor):
+            raise TypeError(f"LSTM: hx's {name} must be a Tensor, got {type(state).__name__}")
+
+
+def check_devices(input: Tensor, hx, weights) -> None:
+    """nn.LSTM's device checks and messages (its C++ makes them; the sequence op would otherwise
+    take, say, a meta input with CPU weights and return meta tensors)."""
+    for state in hx:
+        if state.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {state.device}"
+            )
+    for weight in weights:
+        if weight is not None and weight.device != input.device:
+            raise RuntimeError(
+                "Input and parameter tensors are not at the same device, found input tensor at "
+                f"{input.device} and parameter tensor at {weight.device}"
+            )
+
+
+def autocast_as_nn_lstm(data: Tensor, packed: bool, projected: bool):
+    """A context with autocast off where autocast leaves nn.LSTM's call alone. Without projections
+    it reaches nn.LSTM on the CPU only through oneDNN's layer (mkldnn_rnn_layer is on autocast's
+    list), which nn runs for padded, non-empty input while oneDNN is enabled: packed input, an empty
+    batch or oneDNN turned off compute in the input's dtype. (With projections nn never uses oneDNN,
+    and autocast casts its products in every layout; on CUDA cuDNN's RNN is on the list.)"""
+    if (
+        data.device.type == "cpu"
+        and not projected
+        and torch.is_autocast_enabled("cpu")
+        and (packed or data.numel() == 0 or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled))
+    ):
+        return torch.autocast("cpu", enabled=False)
+    return contextlib.nullcontext()
 
 
 class LSTMLayerStates(NamedTuple):
@@ -86,6 +134,15 @@ class LSTM(nn.LSTM):
 
     Returns ``(output, (h_n, c_n))`` with nn.LSTM's shapes, or ``(output, (h_n, c_n), states)``.
 
+    Bad arguments raise nn.LSTM's exception types, with a message naming the argument; hx must be
+    exactly two tensors (nn.LSTM drops a third for unbatched or unsorted packed input, this refuses
+    it). On the CPU, under the same seed, training-mode dropout draws nn.LSTM's masks. Under
+    ``torch.autocast`` the outputs have nn.LSTM's dtypes: on the CPU, without projections, only
+    padded, non-empty input is computed in the autocast dtype (where nn.LSTM's oneDNN path runs),
+    packed input in its own.
+    Parametrized weights (``torch.nn.utils.parametrize``, weight_norm) and weights shared with other
+    modules or replaced after construction are read afresh on every call.
+
     Double backward (``create_graph=True``, gradient penalties), ``torch.func`` transforms and
     forward-mode AD work, with nn.LSTM's answers: under them the recurrence runs as
     differentiable ATen ops, correct but not fused; ordinary training keeps the fused path.
@@ -126,6 +183,11 @@ class LSTM(nn.LSTM):
             # input already is time-major and contiguous.
             time_major = input.transpose(0, 1) if self.batch_first else input
             num_steps, batch = time_major.shape[0], time_major.shape[1]
+            if num_steps == 0:
+                raise RuntimeError(
+                    "LSTM: Expected sequence length to be larger than 0 in RNN, got input of shape "
+                    f"{tuple(input.shape if batched else input.squeeze(batch_dim).shape)}"
+                )
             data = time_major.reshape(num_steps * batch, time_major.shape[2])
             batch_sizes = torch.full((num_steps,), batch, dtype=torch.int64)
 
@@ -134,6 +196,7 @@ class LSTM(nn.LSTM):
             zeros = data.new_zeros(self.num_layers * num_directions, batch, self.hidden_size)
             hx = (zeros, zeros)
         else:
+            check_state_pair(hx)
             if not packed:
                 wanted_dim = 3 if batched else 2
                 if hx[0].dim() != wanted_dim or hx[1].dim() != wanted_dim:
@@ -148,16 +211,18 @@ class LSTM(nn.LSTM):
             # Packed sequences are sorted longest first; the states follow the user's order.
             hx = self.permute_hidden(hx, sorted_indices)
 
-        output, h_n, c_n, states = functional.lstm_layers(
-            data,
-            batch_sizes,
-            hx[0],
-            hx[1],
-            self.all_weights,
-            bidirectional=self.bidirectional,
-            dropout=self.dropout,
-            training=self.training,
-        )
+        check_devices(data, hx, self._flat_weights)
+        with autocast_as_nn_lstm(data, packed, self.proj_size > 0):
+            output, h_n, c_n, states = functional.lstm_layers(
+                data,
+                batch_sizes,
+                hx[0],
+                hx[1],
+                self.all_weights,
+                bidirectional=self.bidirectional,
+                dropout=self.dropout,
+                training=self.training,
+            )
 
         def like_output(rows: Tensor):
             # [rows, features] -> the layout of the output, PackedSequence included.
