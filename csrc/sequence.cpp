@@ -121,10 +121,8 @@ at::Tensor previous_hidden_states(const at::Tensor& output, const at::Tensor& hx
   return gather.finish();
 }
 
-bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx, const std::optional<at::Tensor>& weight_hr) {
-  // A projection (LSTMP) runs the loop of library products below.
-  return input.device().is_cpu() && input.scalar_type() == at::kFloat && !weight_hr.has_value() &&
-      cpu::small_batch::handles_sequence(hx.size(0));
+bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
+  return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
 }
 
 // Every row's hidden state before the projection, o * tanh(c), from what the forward saved: the
@@ -135,8 +133,22 @@ at::Tensor hidden_before_projection(const at::Tensor& cell_states, const at::Ten
   return gates.narrow(1, 3 * hidden_size, hidden_size) * cell_states.tanh();
 }
 
-int small_batch_threads(int64_t batch, int64_t hidden_size) {
-  return cpu::small_batch::threads_for(batch * 4 * hidden_size * hidden_size, at::get_num_threads());
+// The multiply-adds of a step: the recurrent product, and the projection's where there is one.
+int small_batch_threads(int64_t batch, int64_t hidden_size, int64_t output_size, bool projecting) {
+  const int64_t multiply_adds = batch * (4 * hidden_size * output_size + (projecting ? hidden_size * output_size : 0));
+  return cpu::small_batch::threads_for(multiply_adds, at::get_num_threads());
+}
+
+// A contiguous float copy of weight_hr packed as `pack` lays it out, or undefined without one.
+template <typename Size, typename Pack>
+at::Tensor packed_projection(const std::optional<at::Tensor>& weight_hr, Size size, Pack pack) {
+  if (!weight_hr.has_value()) {
+    return at::Tensor();
+  }
+  const at::Tensor weight = weight_hr->contiguous();
+  at::Tensor panels = at::empty({size(weight.size(0), weight.size(1))}, weight.options());
+  pack(weight.const_data_ptr<float>(), weight.size(0), weight.size(1), panels.mutable_data_ptr<float>());
+  return panels;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_forward(
@@ -169,20 +181,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   at::Tensor cy = new_output({batch, hidden_size}, options);
 
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  if (takes_small_batch_path(input, hx, weight_hr)) {
+  if (takes_small_batch_path(input, hx)) {
     namespace small_batch = cpu::small_batch;
     const at::Tensor weight_hh_c = weight_hh.contiguous();
-    at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size)}, options);
-    small_batch::pack_gate_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, gate_panels.mutable_data_ptr<float>());
+    at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size, output_size)}, options);
+    small_batch::pack_gate_panels(
+        weight_hh_c.const_data_ptr<float>(), hidden_size, output_size, gate_panels.mutable_data_ptr<float>());
+    // The projection: its panels (outputs: proj_size rows of weight_hr) and o * tanh(c)'s scratch.
+    const at::Tensor projection_panels =
+        packed_projection(weight_hr, small_batch::row_panels_size, small_batch::pack_row_panels);
+    at::Tensor unprojected = weight_hr.has_value() ? at::empty({batch, hidden_size}, options) : at::Tensor();
     const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
     const at::Tensor bias_hh_c = contiguous_or_undefined(bias_hh);
     gates = gates.contiguous();
     cpu::small_batch::sequence_forward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, gate_panels.const_data_ptr<float>(),
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, gate_panels.const_data_ptr<float>(),
+         data_or_null<float>(projection_panels), mutable_data_or_null<float>(unprojected),
          data_or_null<float>(bias_hh_c), hx_c.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(),
          cell_states.mutable_data_ptr<float>(), hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
-        small_batch_threads(batch, hidden_size));
+        small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
     return {output, hy, cy, cell_states, gates};
   }
 
@@ -344,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Every step's gradient of its (projected) hidden state, for the projection's weight gradient.
   at::Tensor grad_outputs = weight_hr.has_value() ? new_output({total_rows, output_size}, options) : at::Tensor();
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  if (takes_small_batch_path(input, hx, weight_hr)) {
+  if (takes_small_batch_path(input, hx)) {
     // The fused recurrence writes every step's gate gradients whether or not they are kept.
     grad_preactivations = new_output({total_rows, 4 * hidden_size}, options);
     const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);
@@ -354,21 +372,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
     namespace small_batch = cpu::small_batch;
     const at::Tensor weight_hh_c = weight_hh.contiguous();
-    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(hidden_size)}, options);
-    small_batch::pack_unit_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, unit_panels.mutable_data_ptr<float>());
+    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(4 * hidden_size, output_size)}, options);
+    small_batch::pack_unit_panels(
+        weight_hh_c.const_data_ptr<float>(), 4 * hidden_size, output_size, unit_panels.mutable_data_ptr<float>());
+    // The projection's backward product: grad of o * tanh(c) = grad_hidden weight_hr.
+    const at::Tensor projection_unit_panels =
+        packed_projection(weight_hr, small_batch::unit_panels_size, small_batch::pack_unit_panels);
+    at::Tensor grad_unprojected = weight_hr.has_value() ? at::empty({batch, hidden_size}, options) : at::Tensor();
     const at::Tensor cx_c = cx.contiguous();
     const at::Tensor cell_states_c = cell_states.contiguous(), gates_c = gates.contiguous();
-    at::Tensor grad_hidden = at::empty({batch, hidden_size}, options);
+    at::Tensor grad_hidden = at::empty({batch, output_size}, options);
     at::Tensor grad_cell = at::empty({batch, hidden_size}, options);
     cpu::small_batch::sequence_backward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, unit_panels.const_data_ptr<float>(),
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, unit_panels.const_data_ptr<float>(),
+         data_or_null<float>(projection_unit_panels), mutable_data_or_null<float>(grad_unprojected),
+         mutable_data_or_null<float>(grad_outputs),
          cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
          data_or_null<float>(grad_output_c), data_or_null<float>(grad_cell_states_c),
          data_or_null<float>(grad_gates_c), data_or_null<float>(grad_hy_c), data_or_null<float>(grad_cy_c),
          grad_preactivations.mutable_data_ptr<float>(),
          grad_hx.mutable_data_ptr<float>(), grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(),
          grad_cell.mutable_data_ptr<float>()},
-        small_batch_threads(batch, hidden_size));
+        small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
   } else {
     grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
     loop_backward(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, hx, cx, weight_hh, weight_hr, cell_states,

@@ -127,14 +127,20 @@ def test_batch_and_hidden_sizes(dtype, batch, hidden_size, proj_size):
                            num_layers=2, bidirectional=True, proj_size=proj_size)
 
 
+# The small-batch recurrence's threads: split by rows (37 sequences at hidden 130, each thread
+# running its own), and by units (4 sequences at hidden 200: the threads meet before the
+# projection and before the recurrent product of every step, forward and backward).
 @pytest.mark.parametrize("threads", [1, 2])
-def test_packed_float32_threads(threads):
+@pytest.mark.parametrize("lengths, hidden_size, proj_size", [
+    ([(5 * i) % 12 + 1 for i in range(37)], 130, 33), ([12, 3, 7, 9], 200, 99),
+], ids=["rows", "units"])
+def test_packed_float32_threads(threads, lengths, hidden_size, proj_size):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lengths = [(5 * i) % 12 + 1 for i in range(37)]
         assert_matches_nn_lstm(torch.float32, "packed_unsorted", batch=len(lengths), num_steps=12, lengths=lengths,
-                               input_size=24, hidden_size=130, num_layers=2, bidirectional=True, proj_size=33)
+                               input_size=24, hidden_size=hidden_size, num_layers=2, bidirectional=True,
+                               proj_size=proj_size)
     finally:
         torch.set_num_threads(previous)
 
