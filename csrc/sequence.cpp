@@ -7,6 +7,10 @@
 // cpu/small_batch.h's fused recurrence, where a step makes no library call. The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
+// With a projection (nn.LSTM's proj_size > 0, an optional weight_hr [proj_size, hidden]) each step's
+// hidden state is weight_hr (o * tanh(c)): one more product per step in the loop, and in the
+// backward the gradient of o * tanh(c) = grad_h weight_hr per step and grad_weight_hr once at the end.
+//
 // Layout: PackedSequence's. Every step's rows are stacked in one [sum(batch_sizes), ...] tensor,
 // sequences sorted longest first, so step t holds sequences [0, batch_sizes[t]) and each step's rows
 // are a prefix of the previous step's. A padded [T, B, ...] batch is the case of equal batch sizes.
