@@ -321,3 +321,40 @@ def test_op_rejects_a_weight_hr_of_the_wrong_shape():
         torch.ops.lstm_fused.sequence_forward(*args[:5], tensor(20, 3), *args[6:], tensor(3, 5))
     with pytest.raises(RuntimeError, match=r"weight_hr must have shape \[proj_size > 0, hidden_size\]"):
         torch.ops.lstm_fused.sequence_forward(*args, tensor(2, 5, 1))
+
+
+# --- torch.func, forward-mode AD, reduced precision ---
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # from torch.func itself
+def test_forward_mode_and_torch_func_match_nn_lstm():
+    # Under forward AD and torch.func the op runs its differentiable composite, projection included.
+    torch_lstm, fused_lstm = twin_lstms(torch.float64, INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True,
+                                        proj_size=3)
+    x = torch.randn(5, 2, INPUT_SIZE, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    (expected, expected_tangent), (actual, actual_tangent) = (
+        torch.func.jvp(lambda x: lstm(x)[0], (x,), (tangent,)) for lstm in (torch_lstm, fused_lstm))
+    torch.testing.assert_close(actual, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(actual_tangent, expected_tangent, atol=1e-10, rtol=0)
+    expected_grad, actual_grad = (torch.func.grad(lambda x: lstm(x)[0].square().sum())(x)
+                                  for lstm in (torch_lstm, fused_lstm))
+    torch.testing.assert_close(actual_grad, expected_grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_reduced_precision_against_float64(dtype):
+    # Computed in float32 and stored in dtype: the error against float64 is of dtype's rounding.
+    _, reference = twin_lstms(torch.float64, INPUT_SIZE, HIDDEN_SIZE, num_layers=2, proj_size=3)
+    fused_lstm = copy.deepcopy(reference).to(dtype)
+    x = torch.randn(6, 4, INPUT_SIZE, dtype=torch.float64, requires_grad=True)
+    x_low = x.detach().to(dtype).requires_grad_()
+    expected, (expected_h, expected_c) = reference(x)
+    actual, (actual_h, actual_c) = fused_lstm(x_low)
+    assert actual.dtype == dtype and actual.shape == expected.shape == (6, 4, 3)
+    bound = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for a, e in ((actual, expected), (actual_h, expected_h), (actual_c, expected_c)):
+        assert ((a.double() - e).norm() / e.norm()).item() < bound
+    (grad_x,) = torch.autograd.grad(expected.sum(), x)
+    (grad_x_low,) = torch.autograd.grad(actual.sum(), x_low)
+    assert ((grad_x_low.double() - grad_x).norm() / grad_x.norm()).item() < 4 * bound
