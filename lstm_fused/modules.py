@@ -131,11 +131,11 @@ class LSTM(nn.LSTM):
 
         if hx is None:
             self.check_input(data if packed else input, batch_sizes if packed else None)
-            states = self.num_layers * num_directions
+            num_states = self.num_layers * num_directions
             # With projections h_0 has proj_size features and c_0 hidden_size, as nn.LSTM makes them.
             hx = (
-                data.new_zeros(states, batch, self.proj_size or self.hidden_size),
-                data.new_zeros(states, batch, self.hidden_size),
+                data.new_zeros(num_states, batch, self.proj_size or self.hidden_size),
+                data.new_zeros(num_states, batch, self.hidden_size),
             )
         else:
             if not packed:
@@ -178,6 +178,7 @@ class LSTM(nn.LSTM):
         result = (like_output(output), (h_n, c_n))
         if not return_states:
             return result
+
         def layer_states(cell_states: Tensor, gates: Tensor) -> LSTMLayerStates:
             input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, dim=1)
             # o * tanh(c), what weight_hr multiplies: the same formula as the kernels', from their outputs.

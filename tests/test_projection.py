@@ -4,6 +4,7 @@ layouts and options nn.LSTM has, on the small-batch path's sizes (float32, batch
 of library products' (float64, batch > 64); gradcheck and gradgradcheck; the hidden state before
 the projection that return_states gives; convert(); the errors of a wrongly shaped h_0."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -256,8 +257,6 @@ def test_convert_takes_an_lstm_with_projections():
     model = Encoder().double()
     converted = copy.deepcopy(model)
     parameters = list(converted.parameters())
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "left as it is"
         assert lf.convert(converted) is converted
