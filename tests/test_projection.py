@@ -357,3 +357,16 @@ def test_reduced_precision_against_float64(dtype):
     (grad_x,) = torch.autograd.grad(expected.sum(), x)
     (grad_x_low,) = torch.autograd.grad(actual.sum(), x_low)
     assert ((grad_x_low.double() - grad_x).norm() / grad_x.norm()).item() < 4 * bound
+
+
+def test_threads_owning_features_but_no_units():
+    # Split by units in whole vectors, 16 threads at hidden 600 give threads 13-15 no units, while
+    # proj_size 500 rounds to smaller shares and gives thread 13 features [416, 448) (16 lanes;
+    # 8 lanes: likewise): that thread still projects, starts and ends its rows' gradients.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(16)
+    try:
+        assert_matches_nn_lstm(torch.float32, "packed_unsorted", batch=4, num_steps=3, lengths=[3, 1, 2, 3],
+                               input_size=8, hidden_size=600, proj_size=500)
+    finally:
+        torch.set_num_threads(previous)
