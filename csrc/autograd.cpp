@@ -60,13 +60,14 @@ variable_list composite_cell(const variable_list& in) {
   return {output_gate * cy.tanh(), cy, at::cat({input_gate, forget_gate, cell_gate, output_gate}, 1)};
 }
 
-// sequence_forward rebuilt from composite_cell steps, outputs in its order (output, hy, cy,
-// cell_states, gates). For double backward and for the transforms below, never for speed.
+// sequence_forward rebuilt from composite_cell steps (each followed by the projection where
+// weight_hr, in[8], is defined), outputs in its order (output, hy, cy, cell_states, gates). For
+// double backward and for the transforms below, never for speed.
 variable_list composite_sequence(const variable_list& in, bool reverse) {
-  const auto& [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh] =
-      std::tie(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7]);
+  const auto& [input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr] =
+      std::tie(in[0], in[1], in[2], in[3], in[4], in[5], in[6], in[7], in[8]);
   const std::vector<int64_t> sizes = check_sequence_forward_args(
-      input, batch_sizes, hx, cx, weight_ih, weight_hh, optional(bias_ih), optional(bias_hh));
+      input, batch_sizes, hx, cx, weight_ih, weight_hh, optional(bias_ih), optional(bias_hh), optional(weight_hr));
   // A step starts from the previous visited step's rows for the sequences that continue and from
   // hx, cx for those that begin there (all of them at the first step; reversed, some at a step
   // where the batch grows).
@@ -85,7 +86,7 @@ variable_list composite_sequence(const variable_list& in, bool reverse) {
   for (const cpu::RecurrenceStep& step : visiting_order(sizes, reverse)) {
     const variable_list outputs = composite_cell({input.narrow(0, step.offset, step.batch), starting(h, hx, step),
                                                   starting(c, cx, step), weight_ih, weight_hh, bias_ih, bias_hh});
-    h = outputs[0];
+    h = weight_hr.defined() ? at::linear(outputs[0], weight_hr) : outputs[0];
     c = outputs[1];
     hidden.push_back(h);
     cell.push_back(c);
@@ -265,9 +266,10 @@ using SequenceForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
     const at::Tensor&,
     const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&,
-    bool);
+    bool,
+    const std::optional<at::Tensor>&);
 
-using SequenceGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SequenceGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 using SequenceBackwardFn = SequenceGrads(
     const std::optional<at::Tensor>&,
@@ -285,10 +287,12 @@ using SequenceBackwardFn = SequenceGrads(
     const at::Tensor&,
     const at::Tensor&,
     bool,
-    std::array<bool, 6>);
+    std::array<bool, 6>,
+    const std::optional<at::Tensor>&);
 
 // sequence_forward's autograd: backpropagation through time by the sequence_backward op. Saves
-// only what that needs: the arguments, output, cell_states and the activated gates.
+// only what that needs: the arguments, output, cell_states and the activated gates (the hidden
+// state before a projection, o * tanh(c), follows from the last two).
 class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
  public:
   static variable_list forward(
@@ -301,37 +305,44 @@ class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
       const at::Tensor& weight_hh,
       const std::optional<at::Tensor>& bias_ih,
       const std::optional<at::Tensor>& bias_hh,
-      bool reverse) {
+      bool reverse,
+      const std::optional<at::Tensor>& weight_hr) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::sequence_forward", "").typed<SequenceForwardFn>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, cy, cell_states, gates] =
-        op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
+        op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward(
         {input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()),
-         bias_hh.value_or(at::Tensor()), output, cell_states, gates});
+         bias_hh.value_or(at::Tensor()), weight_hr.value_or(at::Tensor()), output, cell_states, gates});
     ctx->saved_data["reverse"] = reverse;
     return {output, hy, cy, cell_states, gates};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const variable_list inputs(saved.begin(), saved.begin() + 8);
-    const auto& [input, batch_sizes, hx, cx, weight_ih, weight_hh] =
-        std::tie(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5]);
-    const auto& [output, cell_states, gates] = std::tie(saved[8], saved[9], saved[10]);
-    const auto needs = inputs_needing_grad<8>(ctx, inputs);
-    variable_list result(9);  // one per forward argument, reverse included
+    const variable_list inputs(saved.begin(), saved.begin() + 9);
+    const auto& [input, batch_sizes, hx, cx, weight_ih, weight_hh, weight_hr] =
+        std::tie(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5], inputs[8]);
+    const auto& [output, cell_states, gates] = std::tie(saved[9], saved[10], saved[11]);
+    const auto needs = inputs_needing_grad<9>(ctx, inputs);
+    // One per forward argument: the tensors in inputs' order, but reverse (index 8) before weight_hr.
+    variable_list result(10);
+    const auto set_results = [&](const variable_list& grads) {
+      for (size_t i = 0; i < 9; ++i) {
+        if (needs[i]) {
+          result[i < 8 ? i : 9] = grads[i];
+        }
+      }
+    };
     if (std::none_of(grad_outputs.begin(), grad_outputs.end(), [](const at::Tensor& g) { return g.defined(); })) {
       return result;
     }
     const bool reverse = ctx->saved_data["reverse"].toBool();
     if (at::GradMode::is_enabled()) {
       // create_graph=True: gradients autograd can differentiate again, through the composite.
-      const variable_list grads =
-          differentiable_backward(inputs, composite_sequence(inputs, reverse), grad_outputs, needs);
-      std::copy(grads.begin(), grads.end(), result.begin());
+      set_results(differentiable_backward(inputs, composite_sequence(inputs, reverse), grad_outputs, needs));
       return result;
     }
     static auto op =
@@ -339,7 +350,7 @@ class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
     const std::array<bool, 6> output_mask{needs[0], needs[2], needs[3], needs[4], needs[5], needs[6] || needs[7]};
     // Grad mode is off here: straight to the kernel, past the op's own autograd.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
+    const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr] = op.call(
         optional(grad_outputs[0]),
         optional(grad_outputs[1]),
         optional(grad_outputs[2]),
@@ -355,14 +366,11 @@ class SequenceFunction : public torch::autograd::Function<SequenceFunction> {
         cell_states,
         gates,
         reverse,
-        output_mask);
-    // batch_sizes (index 1) and reverse (index 8) have no gradient.
-    const variable_list grads{grad_input, at::Tensor(), grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias};
-    for (size_t i = 0; i < grads.size(); ++i) {
-      if (needs[i]) {
-        result[i] = grads[i];
-      }
-    }
+        output_mask,
+        optional(weight_hr));
+    // batch_sizes (index 1) has no gradient.
+    set_results({grad_input, at::Tensor(), grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_bias,
+                 grad_weight_hr});
     return result;
   }
 };
@@ -388,14 +396,15 @@ class SequenceBackwardFunction : public torch::autograd::Function<SequenceBackwa
       const at::Tensor& cell_states,
       const at::Tensor& gates,
       bool reverse,
-      std::array<bool, 6> output_mask) {
+      std::array<bool, 6> output_mask,
+      const std::optional<at::Tensor>& weight_hr) {
     static auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("lstm_fused::sequence_backward", "").typed<SequenceBackwardFn>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = op.call(
+    const auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr] = op.call(
         grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
-        output, cell_states, gates, reverse, output_mask);
-    return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias};
+        output, cell_states, gates, reverse, output_mask, weight_hr);
+    return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr};
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -417,16 +426,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
-    bool reverse) {
-  if (runs_composite({&input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh)})) {
+    bool reverse,
+    const std::optional<at::Tensor>& weight_hr) {
+  if (runs_composite({&input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh),
+                      pointer_or_null(weight_hr)})) {
     const auto outputs = composite_sequence(
         {input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()),
-         bias_hh.value_or(at::Tensor())},
+         bias_hh.value_or(at::Tensor()), weight_hr.value_or(at::Tensor())},
         reverse);
     return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
   }
   const auto outputs =
-      SequenceFunction::apply(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
+      SequenceFunction::apply(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
   return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
 }
 
@@ -446,11 +457,12 @@ SequenceGrads sequence_backward_autograd(
     const at::Tensor& cell_states,
     const at::Tensor& gates,
     bool reverse,
-    std::array<bool, 6> output_mask) {
+    std::array<bool, 6> output_mask,
+    const std::optional<at::Tensor>& weight_hr) {
   const auto grads = SequenceBackwardFunction::apply(
       grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
-      output, cell_states, gates, reverse, output_mask);
-  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+      output, cell_states, gates, reverse, output_mask, weight_hr);
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6]};
 }
 
 }  // namespace

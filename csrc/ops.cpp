@@ -79,21 +79,36 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 namespace {
 
 // The weights and biases against the input, shared by the cell and the sequence. input_layout
-// names input's expected 2-D shape in the caller's terms. Returns hidden_size.
+// names input's expected 2-D shape in the caller's terms. weight_hr (the sequence's projection,
+// [proj_size, hidden_size]) makes weight_hh [4 * hidden_size, proj_size]. Returns hidden_size.
 int64_t check_weights_args(
     const at::Tensor& input,
     const char* input_layout,
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh) {
+    const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr = std::nullopt) {
   check_floating(input, "input");
   check_matches(weight_ih, "weight_ih", input, "input");
   check_matches(weight_hh, "weight_hh", input, "input");
-  TORCH_CHECK(
-      weight_hh.dim() == 2 && weight_hh.size(0) == 4 * weight_hh.size(1),
-      "lstm_fused: weight_hh must have shape [4 * hidden_size, hidden_size], got ", weight_hh.sizes());
-  const int64_t hidden_size = weight_hh.size(1);
+  int64_t hidden_size = 0;
+  if (weight_hr.has_value()) {
+    check_matches(*weight_hr, "weight_hr", input, "input");
+    TORCH_CHECK(
+        weight_hr->dim() == 2 && weight_hr->size(0) > 0,
+        "lstm_fused: weight_hr must have shape [proj_size > 0, hidden_size], got ", weight_hr->sizes());
+    hidden_size = weight_hr->size(1);
+    TORCH_CHECK(
+        weight_hh.sizes() == at::IntArrayRef({4 * hidden_size, weight_hr->size(0)}),
+        "lstm_fused: weight_hh must have shape [4 * hidden_size, proj_size] = [", 4 * hidden_size, ", ",
+        weight_hr->size(0), "] (from weight_hr shape ", weight_hr->sizes(), "), got ", weight_hh.sizes());
+  } else {
+    TORCH_CHECK(
+        weight_hh.dim() == 2 && weight_hh.size(0) == 4 * weight_hh.size(1),
+        "lstm_fused: weight_hh must have shape [4 * hidden_size, hidden_size], got ", weight_hh.sizes());
+    hidden_size = weight_hh.size(1);
+  }
   TORCH_CHECK(
       weight_ih.dim() == 2 && weight_ih.size(0) == 4 * hidden_size,
       "lstm_fused: weight_ih must have shape [4 * hidden_size, input_size] = [", 4 * hidden_size,
@@ -116,27 +131,32 @@ int64_t check_weights_args(
   return hidden_size;
 }
 
-// h_0 and c_0: [batch, hidden_size], batch as the caller derived it (batch_origin says from what).
+// h_0 and c_0: [batch, hidden_size], batch as the caller derived it (batch_origin says from what);
+// with a projection h_0 is [batch, proj_size] (hidden_features says which).
 void check_initial_states(
     const at::Tensor& hx,
     const at::Tensor& cx,
     const at::Tensor& input,
     int64_t batch,
     const char* batch_origin,
-    int64_t hidden_size) {
-  for (const auto& [state, name] : {std::pair<const at::Tensor&, const char*>{hx, "hx (h_0)"}, {cx, "cx (c_0)"}}) {
+    int64_t hidden_size,
+    int64_t hidden_features,
+    const char* hidden_features_name) {
+  for (const auto& [state, name, width, width_name] :
+       {std::tuple<const at::Tensor&, const char*, int64_t, const char*>{hx, "hx (h_0)", hidden_features, hidden_features_name},
+        {cx, "cx (c_0)", hidden_size, "hidden_size"}}) {
     check_matches(state, name, input, "input");
     TORCH_CHECK(
         state.dim() == 2,
-        "lstm_fused: ", name, " must be 2-D [batch, hidden_size] = [", batch, ", ", hidden_size, "], got ",
+        "lstm_fused: ", name, " must be 2-D [batch, ", width_name, "] = [", batch, ", ", width, "], got ",
         state.dim(), "-D shape ", state.sizes());
     TORCH_CHECK(
         state.size(0) == batch,
         "lstm_fused: ", batch_origin, " ", batch, " doesn't match ", name, " batch size ", state.size(0),
         " (", name, " shape ", state.sizes(), ")");
     TORCH_CHECK(
-        state.size(1) == hidden_size,
-        "lstm_fused: ", name, " has inconsistent hidden_size: got ", state.size(1), ", expected ", hidden_size,
+        state.size(1) == width,
+        "lstm_fused: ", name, " has inconsistent ", width_name, ": got ", state.size(1), ", expected ", width,
         " (", name, " shape ", state.sizes(), ")");
   }
 }
@@ -153,7 +173,7 @@ void check_cell_forward_args(
     const std::optional<at::Tensor>& bias_hh) {
   const int64_t hidden_size =
       check_weights_args(input, "[batch, input_size]", weight_ih, weight_hh, bias_ih, bias_hh);
-  check_initial_states(hx, cx, input, input.size(0), "input batch size", hidden_size);
+  check_initial_states(hx, cx, input, input.size(0), "input batch size", hidden_size, hidden_size, "hidden_size");
 }
 
 std::vector<int64_t> check_sequence_forward_args(
@@ -164,10 +184,11 @@ std::vector<int64_t> check_sequence_forward_args(
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh) {
+    const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr) {
   const int64_t hidden_size = check_weights_args(
       input, "[sum(batch_sizes), input_size] (every step's rows, stacked as in PackedSequence.data)", weight_ih,
-      weight_hh, bias_ih, bias_hh);
+      weight_hh, bias_ih, bias_hh, weight_hr);
   // The loop reads the batch sizes on the host to slice its step rows, as PackedSequence keeps them.
   TORCH_CHECK(
       batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu(),
@@ -198,7 +219,9 @@ std::vector<int64_t> check_sequence_forward_args(
       input.size(0) == total_rows,
       "lstm_fused: input has ", input.size(0), " rows but batch_sizes sum to ", total_rows,
       "; input must hold every step's rows (input shape ", input.sizes(), ")");
-  check_initial_states(hx, cx, input, sizes[0], "batch size (batch_sizes[0])", hidden_size);
+  check_initial_states(
+      hx, cx, input, sizes[0], "batch size (batch_sizes[0])", hidden_size, weight_hh.size(1),
+      weight_hr.has_value() ? "proj_size" : "hidden_size");
   return sizes;
 }
 
@@ -373,17 +396,22 @@ TORCH_LIBRARY(lstm_fused, m) {
   // size B). reverse runs each sequence from its last step to its first, as nn.LSTM's backward
   // direction. output, cell_states and gates (activated, i f g o) have one row per input row;
   // hy, cy are each sequence's state after its last step.
+  // weight_hr [proj_size, hidden_size], nn.LSTM's projection (LSTMP): each step's hidden state is
+  // weight_hr (o * tanh(c)), so output, hx and hy are [., proj_size] and weight_hh [4 * hidden_size,
+  // proj_size]; cell_states, cy and gates keep hidden_size.
   m.def(
       "sequence_forward(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse) -> "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse, Tensor? weight_hr=None) -> "
       "(Tensor output, Tensor hy, Tensor cy, Tensor cell_states, Tensor gates)");
-  // Backpropagation through time for sequence_forward; output_mask as cell_backward's.
+  // Backpropagation through time for sequence_forward; output_mask as cell_backward's. grad_weight_hr
+  // is computed whenever weight_hr is given (one product over all steps), else empty.
   m.def(
       "sequence_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_cell_states, "
       "Tensor? grad_gates, Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse, bool[6] output_mask) -> "
+      "Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse, bool[6] output_mask, "
+      "Tensor? weight_hr=None) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_weight_ih, Tensor grad_weight_hh, "
-      "Tensor grad_bias)");
+      "Tensor grad_bias, Tensor grad_weight_hr)");
   // Test hook: NaN-fill every kernel output before it is written. Returns the previous setting.
   m.def("_set_poison_outputs(bool enabled) -> bool", &set_poison_outputs);
 }

@@ -48,7 +48,9 @@ void check_cell_forward_args(
     const std::optional<at::Tensor>& bias_hh);
 
 // sequence_forward's arguments: those of the cell, plus batch_sizes (1-D int64 on the CPU,
-// non-increasing, summing to input's rows) and states of batch_sizes[0] rows. Returns the batch sizes.
+// non-increasing, summing to input's rows), states of batch_sizes[0] rows and the optional
+// projection weight_hr [proj_size, hidden_size] (then weight_hh and hx have proj_size columns).
+// Returns the batch sizes.
 std::vector<int64_t> check_sequence_forward_args(
     const at::Tensor& input,
     const at::Tensor& batch_sizes,
@@ -57,7 +59,8 @@ std::vector<int64_t> check_sequence_forward_args(
     const at::Tensor& weight_ih,
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh);
+    const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr);
 
 // cell_pointwise_ writes in place: gates and the outputs must be contiguous and of the shapes
 // [batch, 4 * hidden] and [batch, hidden].

@@ -7,6 +7,10 @@
 // cpu/small_batch.h's fused recurrence, where a step makes no library call. The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
+// With a projection (nn.LSTM's proj_size > 0, an optional weight_hr [proj_size, hidden]) each step's
+// hidden state is weight_hr (o * tanh(c)): one more product per step in the loop, and in the
+// backward the gradient of o * tanh(c) = grad_h weight_hr per step and grad_weight_hr once at the end.
+//
 // Layout: PackedSequence's. Every step's rows are stacked in one [sum(batch_sizes), ...] tensor,
 // sequences sorted longest first, so step t holds sequences [0, batch_sizes[t]) and each step's rows
 // are a prefix of the previous step's. A padded [T, B, ...] batch is the case of equal batch sizes.
@@ -127,8 +131,30 @@ bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
   return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
 }
 
-int small_batch_threads(int64_t batch, int64_t hidden_size) {
-  return cpu::small_batch::threads_for(batch * 4 * hidden_size * hidden_size, at::get_num_threads());
+// Every row's hidden state before the projection, o * tanh(c), from what the forward saved: the
+// projection's weight gradient multiplies it by every step's hidden-state gradient. Recomputed
+// rather than saved: one pointwise pass, against a [rows, hidden_size] buffer kept per layer.
+at::Tensor hidden_before_projection(const at::Tensor& cell_states, const at::Tensor& gates) {
+  const int64_t hidden_size = cell_states.size(1);
+  return gates.narrow(1, 3 * hidden_size, hidden_size) * cell_states.tanh();
+}
+
+// The multiply-adds of a step: the recurrent product, and the projection's where there is one.
+int small_batch_threads(int64_t batch, int64_t hidden_size, int64_t output_size, bool projecting) {
+  const int64_t multiply_adds = batch * (4 * hidden_size * output_size + (projecting ? hidden_size * output_size : 0));
+  return cpu::small_batch::threads_for(multiply_adds, at::get_num_threads());
+}
+
+// A contiguous float copy of weight_hr packed as `pack` lays it out, or undefined without one.
+template <typename Size, typename Pack>
+at::Tensor packed_projection(const std::optional<at::Tensor>& weight_hr, Size size, Pack pack) {
+  if (!weight_hr.has_value()) {
+    return at::Tensor();
+  }
+  const at::Tensor weight = weight_hr->contiguous();
+  at::Tensor panels = at::empty({size(weight.size(0), weight.size(1))}, weight.options());
+  pack(weight.const_data_ptr<float>(), weight.size(0), weight.size(1), panels.mutable_data_ptr<float>());
+  return panels;
 }
 
 }  // namespace
@@ -142,52 +168,69 @@ SequenceForwardOutputs sequence_forward_loop(
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
-    bool reverse) {
+    bool reverse,
+    const std::optional<at::Tensor>& weight_hr) {
   const std::vector<int64_t> sizes =
-      check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+      check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   // Autocast must not recast the products of an op whose dtype was fixed by its caller.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t total_rows = input.size(0);
-  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t hidden_size = weight_hh.size(0) / 4;
+  const int64_t output_size = weight_hh.size(1);  // proj_size with a projection, else hidden_size
   const int64_t batch = hx.size(0);
   const auto options = input.options();
 
   // The input's share of every step's gates in one product, the only part that does not wait on
   // the recurrence. bias_ih rides on it; bias_hh is added by the pointwise pass.
   at::Tensor gates = linear_product(input, weight_ih, bias_ih);
-  at::Tensor output = new_output({total_rows, hidden_size}, options);
+  at::Tensor output = new_output({total_rows, output_size}, options);
   at::Tensor cell_states = new_output({total_rows, hidden_size}, options);
-  at::Tensor hy = new_output({batch, hidden_size}, options);
+  at::Tensor hy = new_output({batch, output_size}, options);
   at::Tensor cy = new_output({batch, hidden_size}, options);
 
   const std::vector<Step> steps = visiting_order(sizes, reverse);
   if (takes_small_batch_path(input, hx)) {
     namespace small_batch = cpu::small_batch;
     const at::Tensor weight_hh_c = weight_hh.contiguous();
-    at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size)}, options);
-    small_batch::pack_gate_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, gate_panels.mutable_data_ptr<float>());
+    at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size, output_size)}, options);
+    small_batch::pack_gate_panels(
+        weight_hh_c.const_data_ptr<float>(), hidden_size, output_size, gate_panels.mutable_data_ptr<float>());
+    // The projection: its panels (outputs: proj_size rows of weight_hr) and o * tanh(c)'s scratch.
+    const at::Tensor projection_panels =
+        packed_projection(weight_hr, small_batch::row_panels_size, small_batch::pack_row_panels);
+    at::Tensor unprojected = weight_hr.has_value() ? at::empty({batch, hidden_size}, options) : at::Tensor();
     const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
     const at::Tensor bias_hh_c = contiguous_or_undefined(bias_hh);
     gates = gates.contiguous();
     cpu::small_batch::sequence_forward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, gate_panels.const_data_ptr<float>(),
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, gate_panels.const_data_ptr<float>(),
+         data_or_null<float>(projection_panels), mutable_data_or_null<float>(unprojected),
          data_or_null<float>(bias_hh_c), hx_c.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(),
          cell_states.mutable_data_ptr<float>(), hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
-        small_batch_threads(batch, hidden_size));
+        small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
     return {output, hy, cy, cell_states, gates};
   }
 
-  const at::Tensor recurrent_weight = prepare_repeated_weight(weight_hh, batch, static_cast<int64_t>(sizes.size()));
+  const int64_t num_steps = static_cast<int64_t>(sizes.size());
+  const at::Tensor recurrent_weight = prepare_repeated_weight(weight_hh, batch, num_steps);
+  // With a projection the cell writes o * tanh(c) here, and the step's output row is its product
+  // with weight_hr: the next step's recurrent product reads the projected rows.
+  const at::Tensor projection_weight = weight_hr.has_value() ? prepare_repeated_weight(*weight_hr, batch, num_steps) : at::Tensor();
+  at::Tensor unprojected = weight_hr.has_value() ? new_output({batch, hidden_size}, options) : at::Tensor();
   for (const Step& step : steps) {
     at::Tensor step_gates = gates.narrow(0, step.offset, step.batch);
-    at::Tensor step_hidden = output.narrow(0, step.offset, step.batch);
+    at::Tensor step_output = output.narrow(0, step.offset, step.batch);
+    at::Tensor step_hidden = weight_hr.has_value() ? unprojected.narrow(0, 0, step.batch) : step_output;
     at::Tensor step_cell = cell_states.narrow(0, step.offset, step.batch);
     linear_product_into(step_gates, previous_rows(output, hx, step), recurrent_weight, /*accumulate=*/true);
     dispatch_cell_pointwise_(step_gates, previous_rows(cell_states, cx, step), bias_hh, step_hidden, step_cell);
+    if (weight_hr.has_value()) {
+      linear_product_into(step_output, step_hidden, projection_weight, /*accumulate=*/false);
+    }
     const int64_t ending_rows = step.batch - step.ending;
     if (ending_rows > 0) {
-      hy.narrow(0, step.ending, ending_rows).copy_(step_hidden.narrow(0, step.ending, ending_rows));
+      hy.narrow(0, step.ending, ending_rows).copy_(step_output.narrow(0, step.ending, ending_rows));
       cy.narrow(0, step.ending, ending_rows).copy_(step_cell.narrow(0, step.ending, ending_rows));
     }
   }
@@ -207,21 +250,27 @@ void loop_backward(
     const at::Tensor& hx,
     const at::Tensor& cx,
     const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& weight_hr,
     const at::Tensor& cell_states,
     const at::Tensor& gates,
     const std::vector<Step>& steps,
     bool keep_gate_grads,
     at::Tensor& grad_preactivations,
+    at::Tensor& grad_outputs,
     at::Tensor& grad_hx,
     at::Tensor& grad_cx) {
   const int64_t batch = hx.size(0);
-  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t hidden_size = weight_hh.size(0) / 4;
+  const int64_t output_size = weight_hh.size(1);
   const auto options = hx.options();
   // The gradient reaching each running sequence's h and c at the step being visited: from the
   // step after it (through the recurrence), from output and cell_states, and at a sequence's last
-  // step from h_n, c_n.
-  at::Tensor grad_hidden = new_output({batch, hidden_size}, options);
+  // step from h_n, c_n. With a projection h is the projected state, and grad_unprojected the
+  // gradient of o * tanh(c): grad_hidden @ weight_hr.
+  at::Tensor grad_hidden = new_output({batch, output_size}, options);
   at::Tensor grad_cell = new_output({batch, hidden_size}, options);
+  at::Tensor grad_unprojected = weight_hr.has_value() ? new_output({batch, hidden_size}, options) : at::Tensor();
+  const at::Tensor weight_hr_t = weight_hr.has_value() ? weight_hr->t() : at::Tensor();
 
   // h_prev's gradient is G @ weight_hh: linear's weight^T is weight_hh.t(), a strided view.
   const at::Tensor weight_hh_t = weight_hh.t();
@@ -244,8 +293,15 @@ void loop_backward(
     }
     const std::optional<at::Tensor> step_grad_gates =
         grad_gates.has_value() ? std::optional<at::Tensor>(grad_gates->narrow(0, step.offset, step.batch)) : std::nullopt;
+    at::Tensor step_grad_cell_output = step_grad_hidden;  // the gradient of o * tanh(c)
+    if (weight_hr.has_value()) {
+      // Kept for the projection's weight gradient, one product over all steps at the end.
+      grad_outputs.narrow(0, step.offset, step.batch).copy_(step_grad_hidden);
+      step_grad_cell_output = grad_unprojected.narrow(0, 0, step.batch);
+      linear_product_into(step_grad_cell_output, step_grad_hidden, weight_hr_t, /*accumulate=*/false);
+    }
     auto [grad_preactivation, grad_cell_prev] = dispatch_cell_gate_grads(
-        step_grad_hidden,
+        step_grad_cell_output,
         step_grad_cell,
         step_grad_gates,
         previous_rows(cell_states, cx, step),
@@ -283,35 +339,40 @@ SequenceBackwardOutputs sequence_backward_loop(
     const at::Tensor& cell_states,
     const at::Tensor& gates,
     bool reverse,
-    std::array<bool, 6> output_mask) {
+    std::array<bool, 6> output_mask,
+    const std::optional<at::Tensor>& weight_hr) {
   // The saved tensors are sequence_forward's own; checking its arguments again covers the rest.
   const std::vector<int64_t> sizes =
-      check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
+      check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr);
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t total_rows = input.size(0);
-  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t hidden_size = weight_hh.size(0) / 4;
+  const int64_t output_size = weight_hh.size(1);
   const int64_t batch = hx.size(0);
   const auto options = input.options();
   for (const auto& [grad, name, width] :
-       {std::tuple<const std::optional<at::Tensor>&, const char*, int64_t>{grad_output, "grad_output", hidden_size},
+       {std::tuple<const std::optional<at::Tensor>&, const char*, int64_t>{grad_output, "grad_output", output_size},
         {grad_cell_states, "grad_cell_states", hidden_size},
         {grad_gates, "grad_gates", 4 * hidden_size}}) {
     TORCH_CHECK(
         !grad.has_value() || grad->sizes() == at::IntArrayRef({total_rows, width}),
         "lstm_fused: ", name, " must have shape [", total_rows, ", ", width, "], got ", grad->sizes());
   }
-  for (const auto& [grad, name] :
-       {std::pair<const std::optional<at::Tensor>&, const char*>{grad_hy, "grad_hy"}, {grad_cy, "grad_cy"}}) {
+  for (const auto& [grad, name, state] :
+       {std::tuple<const std::optional<at::Tensor>&, const char*, const at::Tensor&>{grad_hy, "grad_hy", hx},
+        {grad_cy, "grad_cy", cx}}) {
     TORCH_CHECK(
-        !grad.has_value() || grad->sizes() == hx.sizes(),
-        "lstm_fused: ", name, " must have shape ", hx.sizes(), ", got ", grad->sizes());
+        !grad.has_value() || grad->sizes() == state.sizes(),
+        "lstm_fused: ", name, " must have shape ", state.sizes(), ", got ", grad->sizes());
   }
 
-  at::Tensor grad_hx = new_output({batch, hidden_size}, options);
+  at::Tensor grad_hx = new_output({batch, output_size}, options);
   at::Tensor grad_cx = new_output({batch, hidden_size}, options);
   // Every step's gate pre-activation gradients, kept for the products over all steps at the end.
   const bool keep_gate_grads = output_mask[0] || output_mask[3] || output_mask[4] || output_mask[5];
   at::Tensor grad_preactivations;
+  // Every step's gradient of its (projected) hidden state, for the projection's weight gradient.
+  at::Tensor grad_outputs = weight_hr.has_value() ? new_output({total_rows, output_size}, options) : at::Tensor();
   const std::vector<Step> steps = visiting_order(sizes, reverse);
   if (takes_small_batch_path(input, hx)) {
     // The fused recurrence writes every step's gate gradients whether or not they are kept.
@@ -323,25 +384,32 @@ SequenceBackwardOutputs sequence_backward_loop(
     const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
     namespace small_batch = cpu::small_batch;
     const at::Tensor weight_hh_c = weight_hh.contiguous();
-    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(hidden_size)}, options);
-    small_batch::pack_unit_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, unit_panels.mutable_data_ptr<float>());
+    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(4 * hidden_size, output_size)}, options);
+    small_batch::pack_unit_panels(
+        weight_hh_c.const_data_ptr<float>(), 4 * hidden_size, output_size, unit_panels.mutable_data_ptr<float>());
+    // The projection's backward product: grad of o * tanh(c) = grad_hidden weight_hr.
+    const at::Tensor projection_unit_panels =
+        packed_projection(weight_hr, small_batch::unit_panels_size, small_batch::pack_unit_panels);
+    at::Tensor grad_unprojected = weight_hr.has_value() ? at::empty({batch, hidden_size}, options) : at::Tensor();
     const at::Tensor cx_c = cx.contiguous();
     const at::Tensor cell_states_c = cell_states.contiguous(), gates_c = gates.contiguous();
-    at::Tensor grad_hidden = at::empty({batch, hidden_size}, options);
+    at::Tensor grad_hidden = at::empty({batch, output_size}, options);
     at::Tensor grad_cell = at::empty({batch, hidden_size}, options);
     cpu::small_batch::sequence_backward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, unit_panels.const_data_ptr<float>(),
+        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, unit_panels.const_data_ptr<float>(),
+         data_or_null<float>(projection_unit_panels), mutable_data_or_null<float>(grad_unprojected),
+         mutable_data_or_null<float>(grad_outputs),
          cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
          data_or_null<float>(grad_output_c), data_or_null<float>(grad_cell_states_c),
          data_or_null<float>(grad_gates_c), data_or_null<float>(grad_hy_c), data_or_null<float>(grad_cy_c),
          grad_preactivations.mutable_data_ptr<float>(),
          grad_hx.mutable_data_ptr<float>(), grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(),
          grad_cell.mutable_data_ptr<float>()},
-        small_batch_threads(batch, hidden_size));
+        small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
   } else {
     grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
-    loop_backward(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, hx, cx, weight_hh, cell_states, gates,
-                  steps, keep_gate_grads, grad_preactivations, grad_hx, grad_cx);
+    loop_backward(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, hx, cx, weight_hh, weight_hr, cell_states,
+                  gates, steps, keep_gate_grads, grad_preactivations, grad_outputs, grad_hx, grad_cx);
   }
 
   // The products over all steps at once: one large GEMM each instead of T small ones.
@@ -356,6 +424,8 @@ SequenceBackwardOutputs sequence_backward_loop(
       grads.weight_ih,
       grads.weight_hh,
       grads.bias,
+      weight_hr.has_value() ? transposed_products(grad_outputs, {hidden_before_projection(cell_states, gates)}).front()
+                            : empty(),
   };
 }
 

@@ -13,8 +13,10 @@ namespace lstm_fused {
 
 // output, hy, cy, cell_states, gates: sequence_forward's outputs.
 using SequenceForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias: sequence_backward's.
-using SequenceBackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr:
+// sequence_backward's.
+using SequenceBackwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The ops' CompositeExplicitAutograd kernels, with the ops' arguments (ops.cpp's schemas).
 SequenceForwardOutputs sequence_forward_loop(
@@ -26,7 +28,8 @@ SequenceForwardOutputs sequence_forward_loop(
     const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
-    bool reverse);
+    bool reverse,
+    const std::optional<at::Tensor>& weight_hr);
 
 SequenceBackwardOutputs sequence_backward_loop(
     const std::optional<at::Tensor>& grad_output,
@@ -44,6 +47,7 @@ SequenceBackwardOutputs sequence_backward_loop(
     const at::Tensor& cell_states,
     const at::Tensor& gates,
     bool reverse,
-    std::array<bool, 6> output_mask);
+    std::array<bool, 6> output_mask,
+    const std::optional<at::Tensor>& weight_hr);
 
 }  // namespace lstm_fused

@@ -92,12 +92,15 @@ def _cell_gate_grads_fake(grad_hy, grad_cy, grad_gates, cx, cy, gates):
 
 
 @torch.library.register_fake("lstm_fused::sequence_forward")
-def _sequence_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse):
+def _sequence_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
+                           weight_hr=None):
     # Shapes follow from input's rows and the states' batch; batch_sizes' values are not needed.
-    rows, batch, hidden_size = input.shape[0], hx.shape[0], weight_hh.shape[1]
+    # The hidden state has weight_hh's columns: proj_size with a projection (weight_hr), else hidden_size.
+    rows, batch = input.shape[0], hx.shape[0]
+    hidden_size, output_size = weight_hh.shape[0] // 4, weight_hh.shape[1]
     return (
-        input.new_empty(rows, hidden_size),
-        input.new_empty(batch, hidden_size),
+        input.new_empty(rows, output_size),
+        input.new_empty(batch, output_size),
         input.new_empty(batch, hidden_size),
         input.new_empty(rows, hidden_size),
         input.new_empty(rows, 4 * hidden_size),
@@ -114,9 +117,10 @@ def _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh):
 @torch.library.register_fake("lstm_fused::sequence_backward")
 def _sequence_backward_fake(
     grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx,
-    weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
+    weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask, weight_hr=None,
 ):
-    return _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh)
+    grad_weight_hr = input.new_empty(0) if weight_hr is None else input.new_empty(weight_hr.shape)
+    return _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh) + (grad_weight_hr,)
 
 
 @torch.library.register_fake("lstm_fused::cell_backward")
@@ -136,11 +140,18 @@ def _cell_forward_flops(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, o
     return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1)
 
 
+def _projection_flops(rows, weight_hr, products):
+    """The projection's products (weight_hr [proj_size, hidden_size]; None: no projection)."""
+    return 0 if weight_hr is None else 2 * rows * weight_hr[0] * weight_hr[1] * products
+
+
 @register_flop_formula(ops.sequence_forward)
 def _sequence_forward_flops(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
-                            out_shape=None, **kwargs):
-    # Every row of input is one step of one sequence: one product with each weight.
-    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1)
+                            weight_hr=None, out_shape=None, **kwargs):
+    # Every row of input is one step of one sequence: one product with each weight (weight_hh's
+    # columns are proj_size with a projection), and with weight_hr where there is one.
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1) + _projection_flops(
+        input[0], weight_hr, 1)
 
 
 @register_flop_formula(ops.cell_backward)
@@ -154,8 +165,10 @@ def _cell_backward_flops(grad_hy, grad_cy, grad_gates, input, hx, cx, cy, gates,
 @register_flop_formula(ops.sequence_backward)
 def _sequence_backward_flops(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx,
                              weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
-                             out_shape=None, **kwargs):
+                             weight_hr=None, out_shape=None, **kwargs):
     # The gradient of every step's hidden state is a product whether or not grad hx is wanted:
-    # backpropagation through time needs it.
+    # backpropagation through time needs it; so is, through a projection, that of o * tanh(c),
+    # and grad weight_hr is always computed.
     return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1],
-                          output_mask[0] + output_mask[3], 1 + output_mask[4])
+                          output_mask[0] + output_mask[3], 1 + output_mask[4]) + _projection_flops(
+        input[0], weight_hr, 2)

@@ -11,19 +11,13 @@ from .modules import LSTM, LSTMCell
 _REPLACEMENTS = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
 
 
-def _unsupported_reason(module: nn.Module):
-    if isinstance(module, nn.LSTM) and module.proj_size > 0:
-        return f"proj_size={module.proj_size} (projections are not supported)"
-    return None
-
-
 def convert(model: nn.Module) -> nn.Module:
     """Makes every ``torch.nn.LSTM`` and ``torch.nn.LSTMCell`` in ``model`` (``model`` itself
     included, recursively) an :class:`lstm_fused.LSTM` / :class:`lstm_fused.LSTMCell`, in place,
     and returns ``model``. Weights, device, dtype and training mode are kept (the parameters are the
-    same objects). Modules it cannot take — an nn.LSTM with ``proj_size > 0``, or a user's
-    subclass of nn.LSTM / nn.LSTMCell, whose own code would be lost — are left as they are, with a
-    warning."""
+    same objects); nn.LSTMs with projections (``proj_size > 0``) included. Modules it cannot take —
+    a user's subclass of nn.LSTM / nn.LSTMCell, whose own code would be lost — are left as they
+    are, with a warning."""
     for name, module in model.named_modules():
         replacement = _REPLACEMENTS.get(type(module))
         where = f"{name or 'the model'} ({type(module).__name__})"
@@ -34,10 +28,6 @@ def convert(model: nn.Module) -> nn.Module:
                     "module whose own code would be lost",
                     stacklevel=2,
                 )
-            continue
-        reason = _unsupported_reason(module)
-        if reason is not None:
-            warnings.warn(f"lstm_fused.convert: left {where} as it is: {reason}", stacklevel=2)
             continue
         module.__class__ = replacement
     return model

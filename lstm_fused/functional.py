@@ -178,12 +178,13 @@ def lstm_layers(
     with T batch sizes B); batch_sizes the int64 CPU tensor of rows per step, non-increasing;
     h_0, c_0 are [num_layers * num_directions, batch_sizes[0], hidden_size]; weights[layer *
     num_directions + direction] is [weight_ih, weight_hh] or [weight_ih, weight_hh, bias_ih,
-    bias_hh], as nn.LSTM.all_weights. Dropout, when training, applies to every layer's output but
-    the last, as nn.LSTM does.
+    bias_hh], as nn.LSTM.all_weights. With projections (nn.LSTM's proj_size > 0) each also ends
+    with weight_hr [proj_size, hidden_size], and h_0 has proj_size features. Dropout, when training,
+    applies to every layer's output but the last, as nn.LSTM does.
 
-    Returns ``(output, h_n, c_n, states)``: output [rows, num_directions * hidden_size], and for
-    each layer and direction (same index as weights) a pair (cell_states [rows, hidden_size],
-    gates [rows, 4 * hidden_size] activated, i f g o)."""
+    Returns ``(output, h_n, c_n, states)``: output [rows, num_directions * hidden_size] (proj_size
+    with projections), and for each layer and direction (same index as weights) a pair
+    (cell_states [rows, hidden_size], gates [rows, 4 * hidden_size] activated, i f g o)."""
     num_directions = 2 if bidirectional else 1
     num_layers = len(weights) // num_directions
     device_type = _kernel_device_type(data)
@@ -193,13 +194,15 @@ def lstm_layers(
         direction_outputs = []
         for direction in range(num_directions):
             index = layer * num_directions + direction
-            weight_ih, weight_hh, *biases = weights[index]
-            bias_ih, bias_hh = biases if biases else (None, None)
-            x, hx, cx, w_ih, w_hh, b_ih, b_hh = _cast_to_autocast_dtype(
-                [layer_input, h_0[index], c_0[index], weight_ih, weight_hh, bias_ih, bias_hh], device_type
+            weight_ih, weight_hh, *rest = weights[index]
+            # nn.LSTM.all_weights: the biases (when there are) come before weight_hr (when projecting).
+            weight_hr = rest.pop() if len(rest) % 2 == 1 else None
+            bias_ih, bias_hh = rest if rest else (None, None)
+            x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = _cast_to_autocast_dtype(
+                [layer_input, h_0[index], c_0[index], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], device_type
             )
             output, h_last, c_last, cell_states, gates = ops.sequence_forward(
-                x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1
+                x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1, w_hr
             )
             direction_outputs.append(output)
             h_n.append(h_last)

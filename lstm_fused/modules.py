@@ -1,6 +1,6 @@
 """Drop-in replacements for torch.nn's recurrent modules."""
 import contextlib
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -94,10 +94,13 @@ class LSTMLayerStates(NamedTuple):
     """One layer and direction's state at every step, each laid out like the LSTM's output (for
     that direction's hidden_size features): [T, B, hidden_size], [B, T, hidden_size] with
     batch_first, [T, hidden_size] unbatched, or a PackedSequence sharing the input's batch_sizes and
-    indices. Views of buffers the backward keeps anyway; gradients flow through them."""
+    indices. Views of buffers the backward keeps anyway; gradients flow through them.
+    hidden_before_projection is o_t * tanh(c_t), the hidden state before weight_hr projects it,
+    for an LSTM with ``proj_size > 0`` (computed from the other two); ``None`` without projection."""
 
     gates: LSTMGates  # activated i, f, g, o
     cell_state: Tensor  # c_t
+    hidden_before_projection: Optional[Tensor] = None  # o_t * tanh(c_t), with proj_size > 0
 
 
 class LSTM(nn.LSTM):
@@ -120,17 +123,22 @@ class LSTM(nn.LSTM):
             Default: 0.
         bidirectional: if ``True``, each layer also runs over the reversed sequence, and its
             output is the forward and the backward halves concatenated. Default: ``False``.
-        proj_size: must be 0: ``proj_size > 0`` raises NotImplementedError (use nn.LSTM).
+        proj_size: if ``> 0``, an LSTM with projections (LSTMP), as nn.LSTM's: each step's hidden
+            state is ``weight_hr_l[k] @ (o_t * tanh(c_t))`` with ``weight_hr_l[k]`` [proj_size,
+            hidden_size], so h_0, h_n and the output have proj_size features (per direction) and
+            ``weight_hh_l[k]`` is [4 * hidden_size, proj_size]. The projection is part of the fused
+            recurrence and of its hand-written backward. Default: 0.
         device, dtype: where and in what the parameters are made, as for nn.LSTM.
 
     ``lstm(input, hx=None, *, return_states=False)``:
         input: (seq, batch, input_size), (batch, seq, input_size) with batch_first, unbatched
             (seq, input_size), or a ``PackedSequence``.
-        hx: ``(h_0, c_0)``, each (num_layers * num_directions, batch, hidden_size) (unbatched: no
-            batch dimension); ``None``: zeros.
+        hx: ``(h_0, c_0)``, each (num_layers * num_directions, batch, hidden_size) (h_0:
+            proj_size when ``proj_size > 0``; unbatched: no batch dimension); ``None``: zeros.
         return_states: if ``True``, also return a tuple of :class:`LSTMLayerStates`, one per layer
             and direction, ordered as h_n's first dimension (``layer * num_directions +
-            direction``): every step's activated gates and cell state.
+            direction``): every step's activated gates and cell state, and with ``proj_size > 0``
+            the hidden state before the projection.
 
     Returns ``(output, (h_n, c_n))`` with nn.LSTM's shapes, or ``(output, (h_n, c_n), states)``.
 
@@ -148,16 +156,8 @@ class LSTM(nn.LSTM):
     differentiable ATen ops, correct but not fused; ordinary training keeps the fused path.
     torch.compile: Dynamo refuses every nn.LSTM subclass unless
     ``torch._dynamo.config.allow_rnn = True``; with it, the forward compiles without graph breaks.
-    ``flatten_parameters()`` is a no-op. Not supported: ``proj_size > 0``.
+    ``flatten_parameters()`` is a no-op.
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.proj_size > 0:
-            raise NotImplementedError(
-                f"lstm_fused.LSTM does not support proj_size > 0 (got proj_size={self.proj_size}); "
-                "use torch.nn.LSTM for an LSTM with projections"
-            )
 
     def flatten_parameters(self) -> None:
         """A no-op: the kernels read each weight where it is. (nn.LSTM's version moves the
@@ -193,8 +193,12 @@ class LSTM(nn.LSTM):
 
         if hx is None:
             self.check_input(data if packed else input, batch_sizes if packed else None)
-            zeros = data.new_zeros(self.num_layers * num_directions, batch, self.hidden_size)
-            hx = (zeros, zeros)
+            num_states = self.num_layers * num_directions
+            # With projections h_0 has proj_size features and c_0 hidden_size, as nn.LSTM makes them.
+            hx = (
+                data.new_zeros(num_states, batch, self.proj_size or self.hidden_size),
+                data.new_zeros(num_states, batch, self.hidden_size),
+            )
         else:
             check_state_pair(hx)
             if not packed:
@@ -239,8 +243,16 @@ class LSTM(nn.LSTM):
         result = (like_output(output), (h_n, c_n))
         if not return_states:
             return result
-        layer_states = tuple(
-            LSTMLayerStates(LSTMGates(*(like_output(gate) for gate in gates.chunk(4, dim=1))), like_output(cell_states))
-            for cell_states, gates in states
-        )
+
+        def layer_states(cell_states: Tensor, gates: Tensor) -> LSTMLayerStates:
+            input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, dim=1)
+            # o * tanh(c), what weight_hr multiplies: the same formula as the kernels', from their outputs.
+            unprojected = like_output(output_gate * cell_states.tanh()) if self.proj_size > 0 else None
+            return LSTMLayerStates(
+                LSTMGates(*(like_output(gate) for gate in (input_gate, forget_gate, cell_gate, output_gate))),
+                like_output(cell_states),
+                unprojected,
+            )
+
+        layer_states = tuple(layer_states(cell_states, gates) for cell_states, gates in states)
         return result + (layer_states,)

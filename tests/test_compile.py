@@ -132,3 +132,34 @@ def test_exported_and_traced_cell_match_nn(helpers, capture):
     with torch.no_grad():
         for actual, expected in zip(captured(x, hx), torch_cell(x, hx), strict=True):
             helpers.assert_close(actual, expected)
+
+
+def test_compiled_lstm_with_projection_matches_eager(helpers):
+    """An LSTM with projections (proj_size > 0) under torch.compile(fullgraph=True): the sequence
+    op with weight_hr through its fake implementation, the same outputs and gradients as eager."""
+    torch._dynamo.reset()
+    model = nn.Sequential()
+    lstm = lf.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
+    head = nn.Linear(6, 2)
+
+    def forward(x):
+        output, (h_n, c_n) = lstm(x)
+        return head(output), h_n, c_n
+
+    model.lstm, model.head = lstm, head
+    inputs = helpers.randn(4, 6, 5)
+    shapes = [(4, 6, 2), (4, 4, 3), (4, 4, 8)]
+    loss_weights = [helpers.randn(*shape) for shape in shapes]
+    eager = forward_and_gradients_of(forward, model, inputs, loss_weights)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = forward_and_gradients_of(torch.compile(forward, fullgraph=True), model, inputs, loss_weights)
+    for index, (actual, expected) in enumerate(zip(compiled, eager, strict=True)):
+        assert actual.shape == expected.shape
+        helpers.assert_close(actual, expected, msg=lambda m: f"output/gradient {index}: {m}")
+
+
+def forward_and_gradients_of(fn, model, inputs, loss_weights):
+    inputs = inputs.clone().requires_grad_(True)
+    outputs = fn(inputs)
+    loss = sum((output * weight).sum() for output, weight in zip(outputs, loss_weights, strict=True))
+    return [*outputs, *torch.autograd.grad(loss, [inputs, *model.parameters()])]

@@ -15,6 +15,7 @@ from torch import nn
 import lstm_fused as lf
 
 CAPABILITIES = lf.supported_cpu_capabilities()
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 ALL_NAMES = ["avx512", "avx2", "neon", "default"]
 
 
@@ -91,6 +92,32 @@ def test_sequence_matches_nn(helpers, capability, threads, lengths, input_size, 
         results.append([output.data, h_n, c_n, *torch.autograd.grad(loss, [data, h, c, *lstm.parameters()])])
     for actual, expected in zip(results[1], results[0], strict=True):
         helpers.assert_close(actual, expected)
+
+
+# With projections (proj_size > 0) the same recurrence also multiplies every step by weight_hr and
+# its backward by weight_hr's transpose, through the same panel products: batch 4 at hidden 200
+# splits two threads by units (two barriers a step), batch 9 at hidden 130 by rows; proj_size 99
+# and 67 leave tails of every vector width; 70 is past the path.
+@pytest.mark.parametrize("lengths, input_size, hidden_size, proj_size", [
+    ([3], 2, 3, 1), ([5, 2, 4, 1], 7, 200, 99), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 130, 67), ([4] * 70, 3, 19, 5),
+])
+def test_projected_sequence_matches_nn(helpers, capability, threads, lengths, input_size, hidden_size, proj_size):
+    torch_lstm = nn.LSTM(input_size, hidden_size, bidirectional=True, proj_size=proj_size)
+    fused_lstm = lf.LSTM(input_size, hidden_size, bidirectional=True, proj_size=proj_size)
+    fused_lstm.load_state_dict(torch_lstm.state_dict())
+    packed = _packed(helpers, lengths, input_size)
+    h_0, c_0 = helpers.randn(2, len(lengths), proj_size), helpers.randn(2, len(lengths), hidden_size)
+    results = []
+    for lstm in (torch_lstm, fused_lstm):
+        data, h, c = helpers.leaves([packed.data, h_0, c_0])
+        x = nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        output, (h_n, c_n) = lstm(x, (h, c))
+        weights = torch.linspace(-1, 1, output.data.numel()).view_as(output.data)
+        loss = (output.data * weights).sum() + (h_n * 0.5).sum() + (c_n ** 2).sum()
+        results.append([output.data, h_n, c_n, *torch.autograd.grad(loss, [data, h, c, *lstm.parameters()])])
+    for actual, expected in zip(results[1], results[0], strict=True):
+        # Weight gradients sum hundreds of float32 products in different orders.
+        helpers.assert_close(actual, expected, atol=2e-5)
 
 
 def test_each_path_gives_its_own_results(helpers):

@@ -58,7 +58,16 @@ def test_lstm_double_backward_works_as_its_docstring_says(helpers):
     torch.testing.assert_close(fused_grad, nn_grad, rtol=1e-8, atol=1e-10)
 
 
-def test_lstm_proj_size_raises_as_its_docstring_says():
-    assert "proj_size > 0" in lf.LSTM.__doc__
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        lf.LSTM(3, 4, proj_size=2)
+def test_lstm_proj_size_does_what_its_docstring_says():
+    # h_n and the output have proj_size features, weight_hh_l0 proj_size columns, and the values are nn's.
+    assert "weight_hr_l[k]" in lf.LSTM.__doc__ and "proj_size" in lf.LSTM.__doc__
+    fused = lf.LSTM(3, 4, proj_size=2, dtype=torch.float64)
+    torch_lstm = nn.LSTM(3, 4, proj_size=2, dtype=torch.float64)
+    torch_lstm.load_state_dict(fused.state_dict())
+    assert fused.weight_hh_l0.shape == (16, 2) and fused.weight_hr_l0.shape == (2, 4)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    output, (h_n, c_n) = fused(x)
+    assert output.shape == (5, 2, 2) and h_n.shape == (1, 2, 2) and c_n.shape == (1, 2, 4)
+    expected_output, (expected_h, expected_c) = torch_lstm(x)
+    for actual, expected in ((output, expected_output), (h_n, expected_h), (c_n, expected_c)):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)

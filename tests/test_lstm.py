@@ -518,11 +518,6 @@ def test_state_dict_both_ways():
     torch.testing.assert_close(torch_other(x)[0], fused_other(x)[0], atol=1e-10, rtol=0)
 
 
-def test_proj_size_not_implemented():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        lf.LSTM(INPUT_SIZE, HIDDEN_SIZE, proj_size=3)
-
-
 # --- convert() ---
 
 
@@ -571,12 +566,13 @@ def test_convert_leaves_what_it_cannot_take_with_a_warning():
         def forward(self, input, hx=None):
             return super().forward(input, hx)
 
+    # An nn.LSTM with projections is taken (tests/test_projection.py checks its answers).
     model = nn.Sequential(nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, proj_size=3), CustomLSTM(INPUT_SIZE, HIDDEN_SIZE))
     with pytest.warns(UserWarning) as record:
         lf.convert(model)
     messages = " ".join(str(w.message) for w in record)
-    assert "proj_size=3" in messages and "CustomLSTM" in messages
-    assert type(model[0]) is nn.LSTM and type(model[1]) is CustomLSTM
+    assert "CustomLSTM" in messages and "proj_size" not in messages
+    assert type(model[0]) is lf.LSTM and type(model[1]) is CustomLSTM
 
 
 # --- Bad input: clear errors ---

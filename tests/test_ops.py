@@ -279,3 +279,64 @@ def test_flop_count_of_lstm():
     backward = sum(2 * rows * gates * 2 * (width + hidden_size) for width in (input_size, hidden_size))
     assert flops(lambda: lstm(x)[0].sum().backward()) == forward + backward
 
+
+
+# --- sequence_forward / sequence_backward with a projection (weight_hr, LSTMP) ---------------------
+
+
+def sequence_args(helpers, batch_sizes, input_size, hidden_size, proj_size, bias=True, requires_grad=False,
+                  reverse=False, dtype=torch.float64):
+    """sequence_forward's arguments, weight_hr last ([proj_size, hidden_size]; proj_size 0: none)."""
+    randn = lambda *shape: helpers.randn(*shape, dtype=dtype, requires_grad=requires_grad, scale=0.5)  # noqa: E731
+    batch_sizes = torch.tensor(batch_sizes, dtype=torch.int64)
+    rows, batch = int(batch_sizes.sum()), int(batch_sizes[0])
+    state_size = proj_size or hidden_size
+    return [
+        randn(rows, input_size), batch_sizes, randn(batch, state_size), randn(batch, hidden_size),
+        randn(4 * hidden_size, input_size), randn(4 * hidden_size, state_size),
+        randn(4 * hidden_size) if bias else None, randn(4 * hidden_size) if bias else None, reverse,
+        randn(proj_size, hidden_size) if proj_size else None,
+    ]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("batch_sizes", [(3, 3, 3), (3, 2, 2, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_sequence_forward_with_projection(helpers, reverse, batch_sizes, bias, dtype):
+    args = sequence_args(helpers, batch_sizes, 5, 7, 3, bias=bias, requires_grad=True, reverse=reverse, dtype=dtype)
+    torch.library.opcheck(ops.sequence_forward.default, args)
+
+
+@pytest.mark.parametrize("proj_size", [0, 3], ids=["no_projection", "projection"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("present", [(True, True, True, False, False), (True, False, False, True, True)],
+                         ids=["output_and_final", "output_and_states"])
+def test_opcheck_sequence_backward(helpers, proj_size, dtype, present):
+    forward = sequence_args(helpers, (3, 2, 2, 1), 5, 7, proj_size, dtype=dtype)
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, _, _, reverse, weight_hr = forward
+    with torch.no_grad():
+        output, hy, cy, cell_states, gates = ops.sequence_forward(*forward)
+    grads = [helpers.randn(*t.shape, dtype=dtype) if wanted else None
+             for t, wanted in zip((output, hy, cy, cell_states, gates), present)]
+    args = [*grads, input, batch_sizes, hx, cx, weight_ih, weight_hh, output, cell_states, gates, reverse,
+            [True] * 6, weight_hr]
+    torch.library.opcheck(ops.sequence_backward.default, args)
+    result = ops.sequence_backward(*args)
+    assert len(result) == 7
+    assert result[6].shape == ((proj_size, 7) if proj_size else (0,))
+
+
+def test_flop_count_of_lstm_with_projection():
+    """The projection's products counted like the others: forward 2 * P * H per row and layer,
+    backward twice that (the gradient of o * tanh(c) and grad weight_hr); the recurrent product
+    has P columns and the second layer's input is P wide."""
+    steps, batch, input_size, hidden_size, proj_size = 4, 3, 7, 5, 2
+    lstm = lf.LSTM(input_size, hidden_size, num_layers=2, proj_size=proj_size)
+    x = torch.randn(steps, batch, input_size, requires_grad=True)
+    rows, gates = steps * batch, 4 * hidden_size
+    projection = 2 * rows * proj_size * hidden_size
+    forward = sum(2 * rows * gates * (width + proj_size) + projection for width in (input_size, proj_size))
+    assert flops(lambda: lstm(x)) == forward
+    backward = sum(2 * rows * gates * 2 * (width + proj_size) + 2 * projection for width in (input_size, proj_size))
+    assert flops(lambda: lstm(x)[0].sum().backward()) == forward + backward

@@ -174,17 +174,23 @@ int threads_for(int64_t multiply_adds, int max_threads) {
   return static_cast<int>(std::clamp<int64_t>(multiply_adds / kMultiplyAddsPerThread, 1, std::max(max_threads, 1)));
 }
 
-int64_t gate_panels_size(int64_t hidden_size) {
-  return kernels().gate_panels_size(hidden_size);
+int64_t gate_panels_size(int64_t hidden_size, int64_t state_size) {
+  return kernels().gate_panels_size(hidden_size, state_size);
 }
-int64_t unit_panels_size(int64_t hidden_size) {
-  return kernels().unit_panels_size(hidden_size);
+int64_t row_panels_size(int64_t rows, int64_t reduction) {
+  return kernels().row_panels_size(rows, reduction);
 }
-void pack_gate_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
-  kernels().pack_gate_panels(weight_hh, hidden_size, panels);
+int64_t unit_panels_size(int64_t rows, int64_t units) {
+  return kernels().unit_panels_size(rows, units);
 }
-void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
-  kernels().pack_unit_panels(weight_hh, hidden_size, panels);
+void pack_gate_panels(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels) {
+  kernels().pack_gate_panels(weight_hh, hidden_size, state_size, panels);
+}
+void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float* panels) {
+  kernels().pack_row_panels(weight, rows, reduction, panels);
+}
+void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels) {
+  kernels().pack_unit_panels(weight, rows, units, panels);
 }
 void cell_forward(const CellForward& args, int threads) {
   kernels().cell_forward(args, threads);

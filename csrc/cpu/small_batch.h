@@ -49,16 +49,20 @@ bool handles_sequence(int64_t batch);
 // tens of thousands, waking a second thread costs more than it saves.
 int threads_for(int64_t multiply_adds, int max_threads);
 
-// The recurrent weight [4 * hidden, hidden] re-laid once per sequence for its per-step products:
-// in panels of as many columns as the vector has lanes, each [reduction][lanes] contiguous,
-// zero-padded past the last column. Gate panels serve the forward (columns: the 4 * hidden gate
-// rows, one vector of units of one gate a panel;
-// reduction: hidden), unit panels the backward (columns: the hidden units; reduction: 4 * hidden).
-// The sizes are in floats.
-int64_t gate_panels_size(int64_t hidden_size);
-int64_t unit_panels_size(int64_t hidden_size);
-void pack_gate_panels(const float* weight_hh, int64_t hidden_size, float* panels);
-void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels);
+// The recurrent weight [4 * hidden, state] (state: hidden, or proj_size with a projection)
+// re-laid once per sequence for its per-step products: in panels of as many columns as the vector
+// has lanes, each [reduction][lanes] contiguous, zero-padded past the last column. Gate panels
+// serve the forward (columns: the 4 * hidden gate rows, one vector of units of one gate a panel;
+// reduction: state), unit panels the backward (columns: the state's features; reduction:
+// 4 * hidden). A projection weight_hr [proj_size, hidden] is packed the same ways: as row panels
+// (the forward's; columns: its proj_size rows, reduction: hidden) and as unit panels (rows
+// proj_size, units hidden: the backward's). The sizes are in floats.
+int64_t gate_panels_size(int64_t hidden_size, int64_t state_size);
+int64_t row_panels_size(int64_t rows, int64_t reduction);
+int64_t unit_panels_size(int64_t rows, int64_t units);
+void pack_gate_panels(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels);
+void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float* panels);
+void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels);
 
 // One cell step, forward: gates [batch, 4 * hidden] receives the activated gates (i, f, g, o).
 struct CellForward {
@@ -100,12 +104,18 @@ void cell_backward_products(const CellBackwardProducts& args, int threads);
 
 // The recurrence of one layer in one direction: on entry gates holds every row's input projection
 // (bias_ih included), on return the activated gates; output and cell_states get every row's h and
-// c, hy and cy each sequence's last. gate_panels: weight_hh packed by pack_gate_panels.
+// c, hy and cy each sequence's last. gate_panels: weight_hh packed by pack_gate_panels. With a
+// projection (projection_panels: weight_hr packed by pack_row_panels; null: none), h is
+// weight_hr (o * tanh(c)), of output_size = proj_size features, and unprojected is scratch of
+// [batch, hidden]; without, output_size is hidden_size.
 struct SequenceForward {
   const RecurrenceStep* steps;
   int64_t num_steps;
   int64_t hidden_size;
+  int64_t output_size;
   const float* gate_panels;
+  const float* projection_panels;  // may be null
+  float* unprojected;              // with projection_panels
   const float* bias_hh;  // may be null
   const float* hx;
   const float* cx;
@@ -119,12 +129,20 @@ void sequence_forward(const SequenceForward& args, int threads);
 
 // Backpropagation through time of that recurrence: every row's gate pre-activation gradients, and
 // the initial states' gradients. unit_panels: weight_hh packed by pack_unit_panels. The incoming
-// gradients may be null (absent: zero). grad_hidden and grad_cell are scratch of [batch, hidden].
+// gradients may be null (absent: zero). grad_hidden and grad_cell are scratch of [batch,
+// output_size] and [batch, hidden]. With a projection (projection_unit_panels: weight_hr packed by
+// pack_unit_panels; null: none) grad_unprojected is scratch of [batch, hidden] and grad_outputs
+// receives every row's gradient of its (projected) hidden state, [rows, output_size], for the
+// projection's weight gradient.
 struct SequenceBackward {
   const RecurrenceStep* steps;
   int64_t num_steps;
   int64_t hidden_size;
+  int64_t output_size;
   const float* unit_panels;
+  const float* projection_unit_panels;  // may be null
+  float* grad_unprojected;              // with projection_unit_panels
+  float* grad_outputs;                  // with projection_unit_panels
   const float* cx;
   const float* cell_states;
   const float* gates;

@@ -71,7 +71,7 @@ struct SequenceProducts {
 enum class SequencePath : int64_t { kLoop = 0, kPersistent = 1, kPersistentTensorCores = 2 };
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The persistent kernels index a padded [T, B, ...] batch: every step holds every sequence.
 // (Packed sequences of different lengths take the loop, whose steps shrink as sequences end.)
@@ -82,13 +82,6 @@ inline bool every_step_full(at::IntArrayRef batch_sizes, int64_t batch) {
     }
   }
   return true;
-}
-
-// The schema's trailing optional arguments (proj_size's weight_hr, once appended): the persistent
-// kernels have no projection, so any defined one sends the call to the loop.
-template <typename... Trailing>
-bool any_defined(const Trailing&... trailing) {
-  return (... || trailing.has_value());
 }
 
 // [T * B, I] -> [T * B, 4H]: x W_ih^T + bias_ih + bias_hh, contiguous. Both biases ride on the one
@@ -253,13 +246,14 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
       products.weight_ih,
       products.weight_hh,
       products.bias,
+      empty(),  // grad_weight_hr: the persistent kernels take no projection
   };
 }
 
-// The sequence_forward op: the persistent kernel where it applies, else the loop. `trailing`: the
-// schema's optional arguments after `reverse` (none today; proj_size's weight_hr once appended),
-// which only the loop takes. *path says which ran.
-template <typename Device, typename... Trailing>
+// The sequence_forward op: the persistent kernel where it applies, else the loop. The persistent
+// kernels have no projection: a weight_hr (proj_size > 0) sends the call to the loop. *path says
+// which ran.
+template <typename Device>
 ForwardOutputs sequence_forward_op(
     const Device& device,
     SequencePath* path,
@@ -273,12 +267,12 @@ ForwardOutputs sequence_forward_op(
     const std::optional<at::Tensor>& bias_hh,
     bool reverse,
     bool allow_tf32,
-    const Trailing&... trailing) {
+    const std::optional<at::Tensor>& weight_hr) {
   // Checked before the guard: the checks name a tensor on the wrong device.
   const std::vector<int64_t> sizes =
-      device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+      device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   *path = SequencePath::kLoop;
-  if (!any_defined(trailing...)) {
+  if (!weight_hr.has_value()) {
     const typename Device::Guard guard(input.device());
     // Autocast must not recast the products of an op whose dtype was fixed by its caller.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -287,11 +281,11 @@ ForwardOutputs sequence_forward_op(
       return *std::move(outputs);
     }
   }
-  return device.forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, trailing...);
+  return device.forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
 }
 
-// The sequence_backward op, as sequence_forward_op: `trailing` follows output_mask.
-template <typename Device, typename... Trailing>
+// The sequence_backward op, as sequence_forward_op.
+template <typename Device>
 BackwardOutputs sequence_backward_op(
     const Device& device,
     SequencePath* path,
@@ -311,13 +305,13 @@ BackwardOutputs sequence_backward_op(
     const at::Tensor& gates,
     bool reverse,
     std::array<bool, 6> output_mask,
-    const Trailing&... trailing) {
+    const std::optional<at::Tensor>& weight_hr) {
   *path = SequencePath::kLoop;
-  if (!any_defined(trailing...)) {
+  if (!weight_hr.has_value()) {
     // The persistent path reads the saved tensors and gradients as the forward wrote them; any
     // other shape goes to the loop, whose checks name the argument that is wrong.
     const std::vector<int64_t> sizes =
-        device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt);
+        device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt, std::nullopt);
     const int64_t rows = input.size(0);
     const int64_t hidden_size = weight_hh.size(1);
     const auto same = [&](const at::Tensor& t, at::IntArrayRef sizes) {
@@ -341,7 +335,7 @@ BackwardOutputs sequence_backward_op(
   }
   return device.backward_loop(
       grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
-      output, cell_states, gates, reverse, output_mask, trailing...);
+      output, cell_states, gates, reverse, output_mask, weight_hr);
 }
 
 }  // namespace cuda

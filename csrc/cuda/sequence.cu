@@ -56,8 +56,9 @@ struct Gpu {
       const at::Tensor& weight_ih,
       const at::Tensor& weight_hh,
       const std::optional<at::Tensor>& bias_ih,
-      const std::optional<at::Tensor>& bias_hh) const {
-    return check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh);
+      const std::optional<at::Tensor>& bias_hh,
+      const std::optional<at::Tensor>& weight_hr) const {
+    return check_sequence_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   }
   template <typename... Args>
   SequenceForwardOutputs forward_loop(const Args&... args) const {
@@ -92,11 +93,6 @@ struct Gpu {
   }
 };
 
-// `Trailing`: the schema's optional arguments after `reverse` / `output_mask`, none today. When
-// the schemas gain `Tensor? weight_hr=None` (proj_size), the registrations below become
-// &sequence_forward_cuda<std::optional<at::Tensor>> (and the same for the backward), and the loop
-// receives it: a defined weight_hr takes the loop (op_layer.h).
-template <typename... Trailing>
 SequenceForwardOutputs sequence_forward_cuda(
     const at::Tensor& input,
     const at::Tensor& batch_sizes,
@@ -107,14 +103,13 @@ SequenceForwardOutputs sequence_forward_cuda(
     const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh,
     bool reverse,
-    const Trailing&... trailing) {
+    const std::optional<at::Tensor>& weight_hr) {
   cuda::SequencePath path;
   return cuda::sequence_forward_op(
       Gpu{}, &path, input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
-      at::globalContext().allowTF32CuBLAS(), trailing...);
+      at::globalContext().allowTF32CuBLAS(), weight_hr);
 }
 
-template <typename... Trailing>
 SequenceBackwardOutputs sequence_backward_cuda(
     const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy,
@@ -132,18 +127,18 @@ SequenceBackwardOutputs sequence_backward_cuda(
     const at::Tensor& gates,
     bool reverse,
     std::array<bool, 6> output_mask,
-    const Trailing&... trailing) {
+    const std::optional<at::Tensor>& weight_hr) {
   cuda::SequencePath path;
   return cuda::sequence_backward_op(
       Gpu{}, &path, grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih,
-      weight_hh, output, cell_states, gates, reverse, output_mask, trailing...);
+      weight_hh, output, cell_states, gates, reverse, output_mask, weight_hr);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
-  m.impl("sequence_forward", &sequence_forward_cuda<>);
-  m.impl("sequence_backward", &sequence_backward_cuda<>);
+  m.impl("sequence_forward", &sequence_forward_cuda);
+  m.impl("sequence_backward", &sequence_backward_cuda);
 }
 
 }  // namespace lstm_fused

@@ -196,7 +196,9 @@ struct Emulation {
       const at::Tensor& weight_ih,
       const at::Tensor& weight_hh,
       const std::optional<at::Tensor>& bias_ih,
-      const std::optional<at::Tensor>& bias_hh) const {
+      const std::optional<at::Tensor>& bias_hh,
+      const std::optional<at::Tensor>& weight_hr) const {
+    TORCH_CHECK(!weight_hr.has_value(), "the emulated ops take no projection");
     for (const at::Tensor* t : {&input, &hx, &cx, &weight_ih, &weight_hh}) {
       check_input(*t, "argument", input);
     }
@@ -227,15 +229,16 @@ struct Emulation {
       const at::Tensor& weight_hh,
       const std::optional<at::Tensor>& bias_ih,
       const std::optional<at::Tensor>& bias_hh,
-      bool reverse) const {
+      bool reverse,
+      const std::optional<at::Tensor>& weight_hr) const {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("lstm_fused::sequence_forward", "")
                                .typed<kernels::ForwardOutputs(
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&, bool)>();
+                                   const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse);
+    return op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
   }
   kernels::BackwardOutputs backward_loop(
       const std::optional<at::Tensor>& grad_output,
@@ -253,18 +256,19 @@ struct Emulation {
       const at::Tensor& cell_states,
       const at::Tensor& gates,
       bool reverse,
-      std::array<bool, 6> output_mask) const {
+      std::array<bool, 6> output_mask,
+      const std::optional<at::Tensor>& weight_hr) const {
     using Optional = const std::optional<at::Tensor>&;
     using T = const at::Tensor&;
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("lstm_fused::sequence_backward", "")
                                .typed<kernels::BackwardOutputs(
                                    Optional, Optional, Optional, Optional, Optional, T, T, T, T, T, T, T, T, T, bool,
-                                   std::array<bool, 6>)>();
+                                   std::array<bool, 6>, Optional)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return op.call(
         grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
-        output, cell_states, gates, reverse, output_mask);
+        output, cell_states, gates, reverse, output_mask, weight_hr);
   }
   kernels::SequenceProducts products(
       const at::Tensor& grad_preactivation,
@@ -306,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
   kernels::SequencePath path;
   auto [output, hy, cy, cell_states, gates] = kernels::sequence_forward_op(
       emulation(max_shared_bytes, max_blocks), &path, input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih,
-      bias_hh, reverse, allow_tf32);
+      bias_hh, reverse, allow_tf32, /*weight_hr=*/std::nullopt);
   return {output, hy, cy, cell_states, gates, static_cast<int64_t>(path)};
 }
 
@@ -332,9 +336,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t max_shared_bytes,
     int64_t max_blocks) {
   kernels::SequencePath path;
-  auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias] = kernels::sequence_backward_op(
-      emulation(max_shared_bytes, max_blocks), &path, grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates,
-      input, batch_sizes, hx, cx, weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask);
+  // No projection here, so the seventh gradient (weight_hr's) is always empty.
+  auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr] =
+      kernels::sequence_backward_op(
+          emulation(max_shared_bytes, max_blocks), &path, grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates,
+          input, batch_sizes, hx, cx, weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
+          /*weight_hr=*/std::nullopt);
   return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, static_cast<int64_t>(path)};
 }
 

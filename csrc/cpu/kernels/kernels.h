@@ -48,10 +48,12 @@ struct Kernels {
   const char* name;  // "default", "avx2", "avx512", "neon": what lstm_fused.cpu_capability() says
 
   // small_batch.h's entries, for this instruction set's vector width.
-  int64_t (*gate_panels_size)(int64_t hidden_size);
-  int64_t (*unit_panels_size)(int64_t hidden_size);
-  void (*pack_gate_panels)(const float* weight_hh, int64_t hidden_size, float* panels);
-  void (*pack_unit_panels)(const float* weight_hh, int64_t hidden_size, float* panels);
+  int64_t (*gate_panels_size)(int64_t hidden_size, int64_t state_size);
+  int64_t (*row_panels_size)(int64_t rows, int64_t reduction);
+  int64_t (*unit_panels_size)(int64_t rows, int64_t units);
+  void (*pack_gate_panels)(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels);
+  void (*pack_row_panels)(const float* weight, int64_t rows, int64_t reduction, float* panels);
+  void (*pack_unit_panels)(const float* weight, int64_t rows, int64_t units, float* panels);
   void (*cell_forward)(const small_batch::CellForward& args, int threads);
   void (*cell_backward_products)(const small_batch::CellBackwardProducts& args, int threads);
   void (*sequence_forward)(const small_batch::SequenceForward& args, int threads);

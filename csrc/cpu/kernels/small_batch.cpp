@@ -636,44 +636,50 @@ void for_each_gate_rows(int64_t hidden_size, int64_t first, int64_t end, const F
   }
 }
 
-int64_t panel_count(int64_t hidden_size) {
-  return (hidden_size + kLanes - 1) / kLanes;
+int64_t panel_count(int64_t columns) {
+  return (columns + kLanes - 1) / kLanes;
 }
 
-int64_t gate_panels_size(int64_t hidden_size) {
-  return 4 * panel_count(hidden_size) * hidden_size * kLanes;
+int64_t row_panels_size(int64_t rows, int64_t reduction) {
+  return panel_count(rows) * reduction * kLanes;
 }
 
-int64_t unit_panels_size(int64_t hidden_size) {
-  return panel_count(hidden_size) * 4 * hidden_size * kLanes;
+int64_t gate_panels_size(int64_t hidden_size, int64_t state_size) {
+  return kGates * row_panels_size(hidden_size, state_size);
 }
 
-void pack_gate_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
-  const int64_t count = panel_count(hidden_size);
-  for (int64_t gate = 0; gate < kGates; ++gate) {
-    for (int64_t panel = 0; panel < count; ++panel) {
-      float* to = panels + (gate * count + panel) * hidden_size * kLanes;
-      for (int64_t lane = 0; lane < kLanes; ++lane) {
-        // Lane `lane` of the panel is one row of weight_hh, read in order.
-        const int64_t unit = panel * kLanes + lane;
-        const float* row = weight_hh + (gate * hidden_size + unit) * hidden_size;
-        for (int64_t k = 0; k < hidden_size; ++k) {
-          to[k * kLanes + lane] = unit < hidden_size ? row[k] : 0.0f;
-        }
+int64_t unit_panels_size(int64_t rows, int64_t units) {
+  return panel_count(units) * rows * kLanes;
+}
+
+void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float* panels) {
+  for (int64_t panel = 0; panel < panel_count(rows); ++panel) {
+    float* to = panels + panel * reduction * kLanes;
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      // Lane `lane` of the panel is one row of the weight, read in order.
+      const int64_t row = panel * kLanes + lane;
+      for (int64_t k = 0; k < reduction; ++k) {
+        to[k * kLanes + lane] = row < rows ? weight[row * reduction + k] : 0.0f;
       }
     }
   }
 }
 
-void pack_unit_panels(const float* weight_hh, int64_t hidden_size, float* panels) {
-  const int64_t count = panel_count(hidden_size);
-  const int64_t rows = 4 * hidden_size;
-  for (int64_t panel = 0; panel < count; ++panel) {
+void pack_gate_panels(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels) {
+  // Each gate's rows padded on their own, so that a vector of units never straddles two gates.
+  for (int64_t gate = 0; gate < kGates; ++gate) {
+    pack_row_panels(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
+                    panels + gate * row_panels_size(hidden_size, state_size));
+  }
+}
+
+void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels) {
+  for (int64_t panel = 0; panel < panel_count(units); ++panel) {
     float* to = panels + panel * rows * kLanes;
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t lane = 0; lane < kLanes; ++lane) {
         const int64_t unit = panel * kLanes + lane;
-        to[r * kLanes + lane] = unit < hidden_size ? weight_hh[r * hidden_size + unit] : 0.0f;
+        to[r * kLanes + lane] = unit < units ? weight[r * units + unit] : 0.0f;
       }
     }
   }
@@ -758,13 +764,20 @@ void cell_backward_products(const CellBackwardProducts& a, int threads) {
 
 // How a sequence's threads share its work, the same for every step.
 struct SequenceShare {
-  int64_t first_unit, end_unit;  // hidden units (all four gate rows of each)
-  int64_t first_row, end_row;    // batch rows, of the widest step
-  bool meets_every_step;         // whether step k + 1 reads what other threads wrote at step k
+  int64_t first_unit, end_unit;      // hidden units (all four gate rows of each)
+  int64_t first_output, end_output;  // features of the hidden state (proj_size of them with a projection)
+  int64_t first_row, end_row;        // batch rows, of the widest step
+  bool meets_every_step;             // whether step k + 1 reads what other threads wrote at step k
 
-  // The rows of this step the thread works on: none where it owns no units.
+  // The rows of this step the thread works on: none where it owns no units...
   int64_t rows_at(const RecurrenceStep& step) const {
     return first_unit >= end_unit ? 0 : std::max<int64_t>(0, std::min(end_row, step.batch) - first_row);
+  }
+
+  // ...and those whose hidden-state features it works on: none where it owns no features. With a
+  // projection a thread may own features but no units (proj_size's share rounds up differently).
+  int64_t output_rows_at(const RecurrenceStep& step) const {
+    return first_output >= end_output ? 0 : std::max<int64_t>(0, std::min(end_row, step.batch) - first_row);
   }
 };
 
@@ -786,29 +799,34 @@ int64_t widest_step(const RecurrenceStep* steps, int64_t num_steps) {
 constexpr int64_t kMinRowsPerThread = 4;
 constexpr int64_t kMaxHiddenForRowSplit = 512;
 
-SequenceShare share_sequence(int64_t batch, int64_t hidden_size, int thread, int num_threads) {
+// Split by units, a projection's output features are split the same way (in whole vectors): the
+// projection reads every unit of o * tanh(c), so threads also meet between the cell and it.
+SequenceShare share_sequence(int64_t batch, int64_t hidden_size, int64_t output_size, int thread, int num_threads) {
   if (num_threads > 1 && batch >= num_threads * kMinRowsPerThread && hidden_size <= kMaxHiddenForRowSplit) {
     const int64_t per_thread = (batch + num_threads - 1) / num_threads;
     const int64_t first_row = std::min(batch, thread * per_thread);
-    return {0, hidden_size, first_row, std::min(batch, first_row + per_thread), false};
+    return {0, hidden_size, 0, output_size, first_row, std::min(batch, first_row + per_thread), false};
   }
   const auto [first, end] = unit_range(hidden_size, thread, num_threads);
-  return {first, end, 0, batch, num_threads > 1};
+  const auto [first_output, end_output] = unit_range(output_size, thread, num_threads);
+  return {first, end, first_output, end_output, 0, batch, num_threads > 1};
 }
 
 // A split whose threads meet every step needs threads that wait for each other: where the
 // threading has none (a build without OpenMP), the sequence runs on one thread.
 int team_size(int64_t batch, int64_t hidden_size, int threads) {
-  return !teams_can_meet() && share_sequence(batch, hidden_size, 0, threads).meets_every_step ? 1 : threads;
+  return !teams_can_meet() && share_sequence(batch, hidden_size, hidden_size, 0, threads).meets_every_step ? 1 : threads;
 }
 
 void sequence_forward(const SequenceForward& a, int threads) {
   const int64_t hidden_size = a.hidden_size;
+  const int64_t output_size = a.output_size;
   const int64_t gate_width = 4 * hidden_size;
+  const bool projecting = a.projection_panels != nullptr;
   const int64_t batch = widest_step(a.steps, a.num_steps);
   threads = team_size(batch, hidden_size, threads);
   run_team(threads, [&](int thread, int num_threads) {
-    const SequenceShare share = share_sequence(batch, hidden_size, thread, num_threads);
+    const SequenceShare share = share_sequence(batch, hidden_size, output_size, thread, num_threads);
     const int64_t first = share.first_unit, end = share.end_unit;
     const float* hidden_prev[kMaxBatch];
     for (int64_t k = 0; k < a.num_steps; ++k) {
@@ -819,29 +837,52 @@ void sequence_forward(const SequenceForward& a, int threads) {
         team_barrier();
       }
       const int64_t rows = share.rows_at(step);
-      if (rows == 0) {
-        continue;
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t b = share.first_row + i;
-        hidden_prev[i] = b < step.carried ? a.output + (step.previous_offset + b) * hidden_size : a.hx + b * hidden_size;
-      }
-      float* step_gates = a.gates + (step.offset + share.first_row) * gate_width;
-      for (int64_t gate = 0; gate < kGates; ++gate) {
-        const float* panels = a.gate_panels + (gate * panel_count(hidden_size) + first / kLanes) * hidden_size * kLanes;
-        panel_products(hidden_prev, rows, hidden_size, panels, end - first, step_gates + gate * hidden_size + first,
-                       gate_width, /*accumulate=*/true);
-      }
-      for (int64_t b = share.first_row; b < share.first_row + rows; ++b) {
-        const float* cell_prev =
-            b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
-        const int64_t row = (step.offset + b) * hidden_size;
-        pointwise_forward(a.gates + (step.offset + b) * gate_width, a.bias_hh, cell_prev, a.cell_states + row,
-                          a.output + row, hidden_size, first, end);
-        if (b >= step.ending) {
-          std::memcpy(a.hy + b * hidden_size + first, a.output + row + first, (end - first) * sizeof(float));
-          std::memcpy(a.cy + b * hidden_size + first, a.cell_states + row + first, (end - first) * sizeof(float));
+      if (rows > 0) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t b = share.first_row + i;
+          hidden_prev[i] =
+              b < step.carried ? a.output + (step.previous_offset + b) * output_size : a.hx + b * output_size;
         }
+        float* step_gates = a.gates + (step.offset + share.first_row) * gate_width;
+        for (int64_t gate = 0; gate < kGates; ++gate) {
+          const float* panels = a.gate_panels + (gate * panel_count(hidden_size) + first / kLanes) * output_size * kLanes;
+          panel_products(hidden_prev, rows, output_size, panels, end - first, step_gates + gate * hidden_size + first,
+                         gate_width, /*accumulate=*/true);
+        }
+        for (int64_t b = share.first_row; b < share.first_row + rows; ++b) {
+          const float* cell_prev =
+              b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
+          const int64_t row = (step.offset + b) * hidden_size;
+          // With a projection the cell's o * tanh(c) goes to scratch, the output row is its product.
+          float* hidden_next = projecting ? a.unprojected + b * hidden_size : a.output + row;
+          pointwise_forward(a.gates + (step.offset + b) * gate_width, a.bias_hh, cell_prev, a.cell_states + row,
+                            hidden_next, hidden_size, first, end);
+          if (b >= step.ending) {
+            std::memcpy(a.cy + b * hidden_size + first, a.cell_states + row + first, (end - first) * sizeof(float));
+          }
+        }
+      }
+      const int64_t output_rows = share.output_rows_at(step);
+      const int64_t first_output = share.first_output, end_output = share.end_output;
+      if (projecting) {
+        // The projection reads every unit of o * tanh(c), whichever thread wrote them.
+        if (share.meets_every_step) {
+          team_barrier();
+        }
+        if (output_rows > 0) {
+          const float* unprojected[kMaxBatch];
+          for (int64_t i = 0; i < output_rows; ++i) {
+            unprojected[i] = a.unprojected + (share.first_row + i) * hidden_size;
+          }
+          panel_products(unprojected, output_rows, hidden_size,
+                         a.projection_panels + first_output / kLanes * hidden_size * kLanes, end_output - first_output,
+                         a.output + (step.offset + share.first_row) * output_size + first_output, output_size,
+                         /*accumulate=*/false);
+        }
+      }
+      for (int64_t b = std::max(step.ending, share.first_row); b < share.first_row + output_rows; ++b) {
+        std::memcpy(a.hy + b * output_size + first_output, a.output + (step.offset + b) * output_size + first_output,
+                    (end_output - first_output) * sizeof(float));
       }
     }
   });
@@ -849,60 +890,100 @@ void sequence_forward(const SequenceForward& a, int threads) {
 
 void sequence_backward(const SequenceBackward& a, int threads) {
   const int64_t hidden_size = a.hidden_size;
+  const int64_t output_size = a.output_size;
   const int64_t gate_width = 4 * hidden_size;
+  const bool projecting = a.projection_unit_panels != nullptr;
   const int64_t batch = widest_step(a.steps, a.num_steps);
   threads = team_size(batch, hidden_size, threads);
   run_team(threads, [&](int thread, int num_threads) {
-    // A thread owns its share's units of its share's rows: their gradients in grad_hidden and
-    // grad_cell, their gate columns of grad_preactivations, the same part of grad_hx and grad_cx.
-    const SequenceShare share = share_sequence(batch, hidden_size, thread, num_threads);
+    // A thread owns its share's units of its share's rows: their gradients in grad_cell (and
+    // grad_unprojected), their gate columns of grad_preactivations, the same part of grad_cx; and
+    // its share's features of grad_hidden and grad_hx (the same units without a projection).
+    const SequenceShare share = share_sequence(batch, hidden_size, output_size, thread, num_threads);
     const int64_t first = share.first_unit, end = share.end_unit;
-    const int64_t width = end - first;
+    const int64_t first_output = share.first_output, end_output = share.end_output;
+    const int64_t width = end - first, output_width = end_output - first_output;
     const float* grad_rows[kMaxBatch];
     for (int64_t k = a.num_steps - 1; k >= 0; --k) {
       const RecurrenceStep& step = a.steps[k];
       const int64_t rows = share.rows_at(step);
       const int64_t end_row = share.first_row + rows;
+      const int64_t output_rows = share.output_rows_at(step);
+      const int64_t end_output_row = share.first_row + output_rows;
+      // A sequence's last step: its gradients start from h_n's and c_n's.
+      for (int64_t b = std::max(step.ending, share.first_row); b < end_output_row; ++b) {
+        float* grad_hidden = a.grad_hidden + b * output_size + first_output;
+        a.grad_hy ? (void)std::memcpy(grad_hidden, a.grad_hy + b * output_size + first_output, output_width * sizeof(float))
+                  : (void)std::fill(grad_hidden, grad_hidden + output_width, 0.0f);
+      }
       for (int64_t b = std::max(step.ending, share.first_row); b < end_row; ++b) {
-        // A sequence's last step: its gradients start from h_n's and c_n's.
-        float* grad_hidden = a.grad_hidden + b * hidden_size + first;
         float* grad_cell = a.grad_cell + b * hidden_size + first;
-        a.grad_hy ? (void)std::memcpy(grad_hidden, a.grad_hy + b * hidden_size + first, width * sizeof(float))
-                  : (void)std::fill(grad_hidden, grad_hidden + width, 0.0f);
         a.grad_cy ? (void)std::memcpy(grad_cell, a.grad_cy + b * hidden_size + first, width * sizeof(float))
                   : (void)std::fill(grad_cell, grad_cell + width, 0.0f);
       }
+      for (int64_t b = share.first_row; b < end_output_row; ++b) {
+        const int64_t row = step.offset + b;
+        float* grad_hidden = a.grad_hidden + b * output_size;
+        for (int64_t j = first_output; j < end_output; ++j) {
+          grad_hidden[j] += a.grad_output ? a.grad_output[row * output_size + j] : 0.0f;
+        }
+        if (projecting) {
+          // Kept for the projection's weight gradient, one product over all steps afterwards.
+          std::memcpy(a.grad_outputs + row * output_size + first_output, grad_hidden + first_output,
+                      output_width * sizeof(float));
+        }
+      }
       for (int64_t b = share.first_row; b < end_row; ++b) {
         const int64_t row = step.offset + b;
-        float* grad_hidden = a.grad_hidden + b * hidden_size;
         float* grad_cell = a.grad_cell + b * hidden_size;
         for (int64_t j = first; j < end; ++j) {
-          grad_hidden[j] += a.grad_output ? a.grad_output[row * hidden_size + j] : 0.0f;
           grad_cell[j] += a.grad_cell_states ? a.grad_cell_states[row * hidden_size + j] : 0.0f;
         }
+      }
+      if (projecting) {
+        // The gradient of o * tanh(c) for this thread's units reads every feature of grad_hidden.
+        if (share.meets_every_step) {
+          team_barrier();
+        }
+        if (rows > 0) {
+          for (int64_t i = 0; i < rows; ++i) {
+            grad_rows[i] = a.grad_hidden + (share.first_row + i) * output_size;
+          }
+          panel_products(grad_rows, rows, output_size, a.projection_unit_panels + first / kLanes * output_size * kLanes,
+                         width, a.grad_unprojected + share.first_row * hidden_size + first, hidden_size,
+                         /*accumulate=*/false);
+        }
+      }
+      for (int64_t b = share.first_row; b < end_row; ++b) {
+        const int64_t row = step.offset + b;
+        const float* grad_cell_output = projecting ? a.grad_unprojected + b * hidden_size : a.grad_hidden + b * hidden_size;
+        float* grad_cell = a.grad_cell + b * hidden_size;
         const float* cell_prev =
             b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
         pointwise_backward(a.gates + row * gate_width, a.grad_gates ? a.grad_gates + row * gate_width : nullptr,
-                           cell_prev, a.cell_states + row * hidden_size, grad_hidden, grad_cell,
+                           cell_prev, a.cell_states + row * hidden_size, grad_cell_output, grad_cell,
                            a.grad_preactivations + row * gate_width, grad_cell, hidden_size, first, end);
       }
       // The product below reads every gate column of this step's gradients.
       if (share.meets_every_step) {
         team_barrier();
       }
-      if (rows == 0) {
-        continue;
+      // The gradient of the hidden state this step started from, for the features this thread
+      // owns: the rows of weight_hh scaled by the gate gradients and summed.
+      if (output_rows > 0) {
+        for (int64_t i = 0; i < output_rows; ++i) {
+          grad_rows[i] = a.grad_preactivations + (step.offset + share.first_row + i) * gate_width;
+        }
+        panel_products(grad_rows, output_rows, gate_width, a.unit_panels + first_output / kLanes * gate_width * kLanes,
+                       output_width, a.grad_hidden + share.first_row * output_size + first_output, output_size,
+                       /*accumulate=*/false);
       }
-      // The gradient of the hidden state this step started from, for the units this thread owns:
-      // the rows of weight_hh scaled by the gate gradients and summed.
-      for (int64_t i = 0; i < rows; ++i) {
-        grad_rows[i] = a.grad_preactivations + (step.offset + share.first_row + i) * gate_width;
+      // Sequences that start here: their gradient is the initial state's.
+      for (int64_t b = std::max(step.carried, share.first_row); b < end_output_row; ++b) {
+        std::memcpy(a.grad_hx + b * output_size + first_output, a.grad_hidden + b * output_size + first_output,
+                    output_width * sizeof(float));
       }
-      panel_products(grad_rows, rows, gate_width, a.unit_panels + first / kLanes * gate_width * kLanes, width,
-                     a.grad_hidden + share.first_row * hidden_size + first, hidden_size, /*accumulate=*/false);
       for (int64_t b = std::max(step.carried, share.first_row); b < end_row; ++b) {
-        // Sequences that start here: their gradient is the initial state's.
-        std::memcpy(a.grad_hx + b * hidden_size + first, a.grad_hidden + b * hidden_size + first, width * sizeof(float));
         std::memcpy(a.grad_cx + b * hidden_size + first, a.grad_cell + b * hidden_size + first, width * sizeof(float));
       }
     }
@@ -914,8 +995,10 @@ void sequence_backward(const SequenceBackward& a, int threads) {
 const Kernels table = {
     kCapabilityName,
     gate_panels_size,
+    row_panels_size,
     unit_panels_size,
     pack_gate_panels,
+    pack_row_panels,
     pack_unit_panels,
     cell_forward,
     cell_backward_products,
