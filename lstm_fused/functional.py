@@ -212,4 +212,9 @@ def lstm_layers(
         if dropout > 0 and training and layer < num_layers - 1:
             layer_output = F.dropout(layer_output, dropout, training=True)
         layer_input = layer_output
-    return layer_input, torch.stack(h_n), torch.stack(c_n), states
+    c_n = torch.stack(c_n)
+    if weight_hr is not None and c_n.dtype != c_0.dtype and c_0.dtype != torch.float64 and _autocast_enabled(device_type):
+        # nn.LSTM with projections runs its cell as ATen ops under autocast: c = f * c_0 + i * g
+        # promotes with a float32 c_0, so its c_n comes out float32.
+        c_n = c_n.to(c_0.dtype)
+    return layer_input, torch.stack(h_n), c_n, states

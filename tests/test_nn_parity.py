@@ -572,9 +572,9 @@ AUTOCAST_CALLS = {  # nn.LSTM casts only where oneDNN runs it: padded, non-empty
 }
 
 
-@pytest.mark.parametrize("proj_size", [0, pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
-    "nn.LSTM with projections keeps c_n in float32 under CPU autocast (its default path's c = f * c_0 + i * g "
-    "promotes with the float32 c_0); functional.lstm_layers casts c_0 to bfloat16")))], ids=["no_proj", "proj3"])
+# nn.LSTM with projections keeps c_n in float32 under CPU autocast (its cell's c = f * c_0 + i * g
+# promotes with the float32 c_0): lf.LSTM returns it in the same dtype.
+@pytest.mark.parametrize("proj_size", [0, 3], ids=["no_proj", "proj3"])
 @pytest.mark.parametrize("layout", AUTOCAST_CALLS)
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # from mkldnn.flags() itself
 def test_autocast_bfloat16(twins, layout, proj_size):
