@@ -482,3 +482,17 @@ def test_compiled_module_matches_eager(helpers):
         torch.testing.assert_close(compiled(x)[0], lstm(x)[0], rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.config.allow_rnn = previous
+
+
+@pytest.mark.parametrize("option", ["layer_norm", "zoneout", "all"])
+def test_float32_vector_loops_and_their_tails(helpers, option):
+    """hidden 37: whole vectors of 4, 8 or 16 lanes and a scalar tail in every row, through the
+    vector loops of kernels/regularised_units.cpp (the tests above, at hidden 6, run only the tail)."""
+    lstm = make_lstm(helpers, 5, 37, torch.float32, bidirectional=True, **OPTIONS[option]).eval()
+    x = helpers.randn(4, 3, 5)
+    hx = tuple(helpers.randn(2, 3, 37) for _ in range(2))
+    fused = outputs_and_grads(lstm, x, hx, lambda x, hx: lstm(x, hx))
+    lstm64 = in_float64(lstm)
+    expected = outputs_and_grads(lstm64, x.double(), tuple(t.double() for t in hx),
+                                 lambda x, hx: reference.regularised_lstm(lstm64, x, hx))
+    assert_all_close(fused, expected, torch.float32)

@@ -1,16 +1,19 @@
 // CPU kernels of the regularised LSTM step (csrc/regularised.cpp has the schemas and the loop):
 // the layer normalisations, gates, zoneout and their backward in one pass over each batch row,
-// after the step's two products. A plain C++ loop templated on the scalar type and compiled once
-// (not per instruction set over kernels/vec.h's Vec: left for later), float32 and float64; the row
-// reductions of layer norm are why a row, not a unit range, is the unit of work.
+// after the step's two products. Templated on the scalar type (float32, float64) and compiled
+// once; for float the exp and tanh loops, most of the cost, run over kernels/vec.h's Vec through
+// the per-instruction-set table (kernels/regularised_units.cpp), and the scalar loop finishes each
+// row. The row reductions of layer norm are why a row, not a unit range, is the unit of work.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 #include "../lstm_cell_math.h"
+#include "kernels/kernels.h"
 
 namespace lstm_fused {
 namespace {
@@ -59,6 +62,34 @@ void layer_norm_backward(const T* grad, const T* gamma, const T* x_hat, T rstd, 
   }
 }
 
+// The vector loops where there are some (float): each returns the first unit it left to the caller.
+template <typename T>
+int64_t vector_activations(T*, const T*, T*, int64_t) {
+  return 0;
+}
+int64_t vector_activations(float* gates, const float* cell_prev, float* cell_new, int64_t hidden_size) {
+  return cpu::kernels().regularised_activations(gates, cell_prev, cell_new, hidden_size);
+}
+template <typename T>
+int64_t vector_tanh(const T*, T*, int64_t) {
+  return 0;
+}
+int64_t vector_tanh(const float* in, float* out, int64_t count) {
+  return cpu::kernels().tanh_units(in, out, count);
+}
+
+// tanh(n) of a row into out, n = LN(c~) (layer norm) or c~.
+template <typename T>
+void tanh_of_normalised(bool layer_norm, const T* g_c, const T* b_c, const T* n_hat, const T* c_new, int64_t H,
+                        T* out) {
+  for (int64_t j = 0; j < H; ++j) {
+    out[j] = layer_norm ? g_c[j] * n_hat[j] + b_c[j] : c_new[j];
+  }
+  for (int64_t j = vector_tanh(out, out, H); j < H; ++j) {
+    out[j] = math::tanh_(out[j]);
+  }
+}
+
 // Rows per task: a row is ~20 transcendental-free flops and 3 exp/tanh per unit.
 int64_t rows_per_task(int64_t hidden_size) {
   return std::max<int64_t>(1, 2048 / std::max<int64_t>(1, hidden_size));
@@ -91,6 +122,7 @@ void forward_rows(
   T* n_all = layer_norm ? normalized_cell.mutable_data_ptr<T>() : nullptr;
   T* rstd_all = layer_norm ? layer_norm_rstd.mutable_data_ptr<T>() : nullptr;
   at::parallel_for(0, batch, rows_per_task(H), [&](int64_t begin, int64_t end) {
+    std::vector<T> tanh_n(H);
     for (int64_t r = begin; r < end; ++r) {
       T* xp = xp_all + r * 4 * H;
       T* hp = hp_all + r * 4 * H;
@@ -113,7 +145,7 @@ void forward_rows(
         }
       }
       // Activations; c-tilde (the un-zoned new cell state) goes to c for now.
-      for (int64_t j = 0; j < H; ++j) {
+      for (int64_t j = vector_activations(g, c_prev, c, H); j < H; ++j) {
         const T i = math::sigmoid(g[j]), f = math::sigmoid(g[H + j]);
         const T cand = math::tanh_(g[2 * H + j]), o = math::sigmoid(g[3 * H + j]);
         g[j] = i;
@@ -130,9 +162,9 @@ void forward_rows(
       }
       const T* zc = zc_all ? zc_all + r * H : nullptr;
       const T* zh = zh_all ? zh_all + r * H : nullptr;
+      tanh_of_normalised(layer_norm, g_c, b_c, n_hat, c, H, tanh_n.data());
       for (int64_t j = 0; j < H; ++j) {
-        const T n = layer_norm ? g_c[j] * n_hat[j] + b_c[j] : c[j];
-        const T h_new = g[3 * H + j] * math::tanh_(n);
+        const T h_new = g[3 * H + j] * tanh_n[j];
         const T d_c = zc ? zc[j] : T(zoneout_cell), d_h = zh ? zh[j] : T(zoneout_hidden);
         c[j] = d_c * c_prev[j] + (T(1) - d_c) * c[j];
         h[j] = d_h * h_prev[j] + (T(1) - d_h) * h_new;
@@ -195,6 +227,7 @@ void backward_rows(
   T* dhp_all = layer_norm ? grad_hidden_part.mutable_data_ptr<T>() : nullptr;
   T* dn_all = layer_norm ? grad_normalized_cell.mutable_data_ptr<T>() : nullptr;
   at::parallel_for(0, batch, rows_per_task(H), [&](int64_t begin, int64_t end) {
+    std::vector<T> c_new_row(H), tanh_n(H);
     for (int64_t r = begin; r < end; ++r) {
       T* gh = gh_all + r * H;
       T* gc = gc_all + r * H;
@@ -209,11 +242,15 @@ void backward_rows(
       T* dn = layer_norm ? dn_all + r * H : da + 2 * H;
       const T* n_hat = layer_norm ? n_hat_all + r * H : nullptr;
       T sum_dy = 0, sum_dy_n_hat = 0;
+      if (!layer_norm) {
+        for (int64_t j = 0; j < H; ++j) {
+          c_new_row[j] = g[H + j] * c_prev[j] + g[j] * g[2 * H + j];
+        }
+      }
+      tanh_of_normalised(layer_norm, g_c, b_c, n_hat, c_new_row.data(), H, tanh_n.data());
       for (int64_t j = 0; j < H; ++j) {
-        const T i = g[j], f = g[H + j], cand = g[2 * H + j], o = g[3 * H + j];
-        const T c_new = f * c_prev[j] + i * cand;
-        const T n = layer_norm ? g_c[j] * n_hat[j] + b_c[j] : c_new;
-        const T tn = math::tanh_(n);
+        const T o = g[3 * H + j];
+        const T tn = tanh_n[j];
         const T d_h = zh ? zh[j] : T(zoneout_hidden);
         const T grad_h_new = (T(1) - d_h) * gh[j];
         gh[j] = d_h * gh[j];

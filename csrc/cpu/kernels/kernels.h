@@ -33,6 +33,12 @@ using BackwardUnitsFn = int64_t(
     int64_t first,
     int64_t end);
 
+// The regularised LSTM's (regularised_cell.cpp): a row's activations in place (i, f, g, o of
+// [4 * hidden]) with c~ = f c_prev + i g, and tanh of count values; each returns the first unit left
+// for the scalar loop.
+using RegularisedActivationsFn = int64_t(float* gates, const float* cell_prev, float* cell_new, int64_t hidden_size);
+using TanhUnitsFn = int64_t(const float* in, float* out, int64_t count);
+
 struct Kernels {
   const char* name;  // "default", "avx2", "avx512", "neon": what lstm_fused.cpu_capability() says
 
@@ -49,6 +55,9 @@ struct Kernels {
   // The float pointwise loops of cell_units.h over whole vectors of units.
   ForwardUnitsFn* forward_units;
   BackwardUnitsFn* backward_units;
+
+  RegularisedActivationsFn* regularised_activations;
+  TanhUnitsFn* tanh_units;
 };
 
 // The table in use (capability.cpp).
@@ -62,6 +71,10 @@ extern const Kernels table;
 // cell_units.cpp of this compile.
 ForwardUnitsFn forward_units;
 BackwardUnitsFn backward_units;
+
+// regularised_units.cpp of this compile.
+RegularisedActivationsFn regularised_activations;
+TanhUnitsFn tanh_units;
 }  // namespace CPU_CAPABILITY
 #endif
 

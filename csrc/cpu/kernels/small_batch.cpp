@@ -923,6 +923,8 @@ const Kernels table = {
     sequence_backward,
     forward_units,
     backward_units,
+    regularised_activations,
+    tanh_units,
 };
 
 }  // namespace CPU_CAPABILITY
