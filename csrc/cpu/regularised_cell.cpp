@@ -62,6 +62,14 @@ void layer_norm_backward(const T* grad, const T* gamma, const T* x_hat, T rstd, 
   }
 }
 
+float normalise_in_place(float* v, int64_t n) {
+  return cpu::kernels().normalise_row(v, n, static_cast<float>(kLayerNormEpsilon));
+}
+
+void layer_norm_backward(const float* grad, const float* gamma, const float* x_hat, float rstd, int64_t n, float* out) {
+  cpu::kernels().layer_norm_backward_row(grad, gamma, x_hat, rstd, n, out);
+}
+
 // The vector loops where there are some (float): each returns the first unit it left to the caller.
 template <typename T>
 int64_t vector_activations(T*, const T*, T*, int64_t) {

@@ -38,6 +38,11 @@ using BackwardUnitsFn = int64_t(
 // for the scalar loop.
 using RegularisedActivationsFn = int64_t(float* gates, const float* cell_prev, float* cell_new, int64_t hidden_size);
 using TanhUnitsFn = int64_t(const float* in, float* out, int64_t count);
+// Layer norm over a row of n: v normalised in place (biased variance), returning 1 / std; and the
+// gradient of v from that of LN's output, rstd * (dy - mean(dy) - x_hat mean(dy x_hat)), dy = grad gamma.
+using NormaliseRowFn = float(float* v, int64_t n, float epsilon);
+using LayerNormBackwardRowFn = void(const float* grad, const float* gamma, const float* x_hat, float rstd, int64_t n,
+                                    float* out);
 
 struct Kernels {
   const char* name;  // "default", "avx2", "avx512", "neon": what lstm_fused.cpu_capability() says
@@ -58,6 +63,8 @@ struct Kernels {
 
   RegularisedActivationsFn* regularised_activations;
   TanhUnitsFn* tanh_units;
+  NormaliseRowFn* normalise_row;
+  LayerNormBackwardRowFn* layer_norm_backward_row;
 };
 
 // The table in use (capability.cpp).
@@ -75,6 +82,8 @@ BackwardUnitsFn backward_units;
 // regularised_units.cpp of this compile.
 RegularisedActivationsFn regularised_activations;
 TanhUnitsFn tanh_units;
+NormaliseRowFn normalise_row;
+LayerNormBackwardRowFn layer_norm_backward_row;
 }  // namespace CPU_CAPABILITY
 #endif
 

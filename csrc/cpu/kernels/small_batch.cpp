@@ -925,6 +925,8 @@ const Kernels table = {
     backward_units,
     regularised_activations,
     tanh_units,
+    normalise_row,
+    layer_norm_backward_row,
 };
 
 }  // namespace CPU_CAPABILITY
