@@ -496,3 +496,23 @@ def test_float32_vector_loops_and_their_tails(helpers, option):
     expected = outputs_and_grads(lstm64, x.double(), tuple(t.double() for t in hx),
                                  lambda x, hx: reference.regularised_lstm(lstm64, x, hx))
     assert_all_close(fused, expected, torch.float32)
+
+
+def test_compiled_training_call_replays_from_its_masks(helpers):
+    """torch.compile(fullgraph=True) in training: the masks drawn inside the graph come back and
+    replay the call, gradients included."""
+    torch._dynamo.reset()
+    lstm = make_lstm(helpers, 4, 6, dtype=torch.float32, num_layers=2, **OPTIONS["all"]).train()
+    x = helpers.randn(5, 3, 4)
+    previous = torch._dynamo.config.allow_rnn
+    torch._dynamo.config.allow_rnn = True
+    try:
+        output, _, states = torch.compile(lstm, fullgraph=True)(x, return_states=True)
+    finally:
+        torch._dynamo.config.allow_rnn = previous
+    assert states[0].zoneout_cell_mask is not None and states[1].weight_drop_mask is not None
+    grads = torch.autograd.grad(output.sum(), list(lstm.parameters()))
+    replay, _ = reference.regularised_lstm(lstm, x, states=states)
+    replay_grads = torch.autograd.grad(replay.sum(), list(lstm.parameters()))
+    for actual, expected in zip([output, *grads], [replay, *replay_grads]):
+        assert helpers.relative_error(actual, expected) < 5e-5
