@@ -516,3 +516,18 @@ def test_compiled_training_call_replays_from_its_masks(helpers):
     replay_grads = torch.autograd.grad(replay.sum(), list(lstm.parameters()))
     for actual, expected in zip([output, *grads], [replay, *replay_grads]):
         assert helpers.relative_error(actual, expected) < 5e-5
+
+
+def test_flop_counts_are_the_products(helpers):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = op_args(helpers, layer_norm=True, masks=True, requires_grad=True)
+    rows, input_size, hidden_size = args[0].shape[0], 3, 4
+    with FlopCounterMode(display=False) as counter:
+        outputs = ops.regularised_sequence_forward(*args)
+    forward = 2 * rows * 4 * hidden_size * (input_size + hidden_size)
+    assert counter.get_total_flops() == forward
+    with FlopCounterMode(display=False) as counter:
+        outputs[0].sum().backward()
+    # grad input, grad W_ih, every step's grad h and grad W_hh: twice the forward's products.
+    assert counter.get_total_flops() == 2 * forward
