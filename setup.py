@@ -164,8 +164,10 @@ def extension():
         "csrc/autograd.cpp",
         "csrc/composite.cpp",
         "csrc/sequence.cpp",
+        "csrc/regularised.cpp",
         "csrc/matmul.cpp",
         "csrc/cpu/lstm_cell.cpp",
+        "csrc/cpu/regularised_cell.cpp",
         "csrc/cpu/capability.cpp",
         "csrc/cpu/threads.cpp",
     ]

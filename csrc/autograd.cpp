@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "regularised.h"
 
 namespace lstm_fused {
 namespace {
@@ -471,6 +472,275 @@ TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
   m.impl("cell_forward", &cell_forward_autograd);
   m.impl("sequence_forward", &sequence_forward_autograd);
   m.impl("sequence_backward", &sequence_backward_autograd);
+}
+
+}  // namespace lstm_fused
+
+// ---------------------------------------------------------------------------------------------
+// The regularised LSTM layer (issue 16, csrc/regularised.cpp): its differentiable composite and
+// its autograd, a hand-written backward through regularised_sequence_backward.
+
+namespace lstm_fused {
+
+std::vector<at::Tensor> regularised_sequence_composite(
+    const std::vector<at::Tensor>& args, double zoneout_cell, double zoneout_hidden, bool reverse) {
+  const std::vector<int64_t> sizes = check_regularised_args(args);
+  const at::Tensor& input = args[kInput];
+  const at::Tensor &hx = args[kHx], &cx = args[kCx], &weight_hh = args[kWeightHh];
+  const at::Tensor &bias_ih = args[kBiasIh], &bias_hh = args[kBiasHh];
+  const at::Tensor& recurrent_dropout_mask = args[kRecurrentDropoutMask];
+  const at::Tensor &zoneout_cell_mask = args[kZoneoutCellMask], &zoneout_hidden_mask = args[kZoneoutHiddenMask];
+  const bool layer_norm = args[kLayerNormIh].defined();
+  const int64_t hidden_size = weight_hh.size(1);
+  // (v - mean) / sqrt(var + eps) over the features, biased variance, and that 1 / sqrt(var + eps).
+  const auto normalise = [](const at::Tensor& v) {
+    const at::Tensor centred = v - v.mean(-1, /*keepdim=*/true);
+    const at::Tensor rstd = (centred.pow(2).mean(-1, /*keepdim=*/true) + 1e-5).rsqrt();
+    return std::pair<at::Tensor, at::Tensor>{centred * rstd, rstd};
+  };
+  const auto starting = [](const at::Tensor& previous, const at::Tensor& initial, const cpu::RecurrenceStep& step) {
+    if (step.carried == 0) {
+      return initial.narrow(0, 0, step.batch);
+    }
+    if (step.carried == step.batch) {
+      return previous.narrow(0, 0, step.batch);
+    }
+    return at::cat({previous.narrow(0, 0, step.carried), initial.narrow(0, step.carried, step.batch - step.carried)});
+  };
+  // The zoneout blend: the mask's rows in training, the probability itself in evaluation.
+  const auto zone = [](const at::Tensor& mask, double p, const cpu::RecurrenceStep& step, const at::Tensor& old_value,
+                       const at::Tensor& new_value) {
+    if (mask.defined()) {
+      const at::Tensor d = mask.narrow(0, step.offset, step.batch);
+      return d * old_value + (1 - d) * new_value;
+    }
+    return p == 0.0 ? new_value : old_value * p + new_value * (1.0 - p);
+  };
+  const at::Tensor input_products = at::linear(input, args[kWeightIh]);
+  std::vector<at::Tensor> hidden, cell, gates, input_parts, hidden_parts, normalized, rstds;  // in visiting order
+  std::vector<std::pair<int64_t, at::Tensor>> last_hidden, last_cell;
+  at::Tensor h, c;
+  for (const cpu::RecurrenceStep& step : visiting_order(sizes, reverse)) {
+    const at::Tensor h_prev = starting(h, hx, step), c_prev = starting(c, cx, step);
+    const at::Tensor h_bar =
+        recurrent_dropout_mask.defined() ? h_prev * recurrent_dropout_mask.narrow(0, 0, step.batch) : h_prev;
+    const at::Tensor input_product = input_products.narrow(0, step.offset, step.batch);
+    const at::Tensor hidden_product = at::linear(h_bar, weight_hh);
+    at::Tensor preactivation;
+    at::Tensor rstd_ih, rstd_hh;
+    if (layer_norm) {
+      auto [x_hat_ih, r_ih] = normalise(input_product);
+      auto [x_hat_hh, r_hh] = normalise(hidden_product);
+      preactivation = x_hat_ih * args[kLayerNormIh] + x_hat_hh * args[kLayerNormHh];
+      input_parts.push_back(x_hat_ih);
+      hidden_parts.push_back(x_hat_hh);
+      rstd_ih = r_ih;
+      rstd_hh = r_hh;
+    } else {
+      preactivation = input_product + hidden_product;
+    }
+    if (bias_ih.defined()) {
+      preactivation = preactivation + bias_ih;
+    }
+    if (bias_hh.defined()) {
+      preactivation = preactivation + bias_hh;
+    }
+    const auto chunks = preactivation.chunk(4, 1);
+    const at::Tensor i = chunks[0].sigmoid(), f = chunks[1].sigmoid(), g = chunks[2].tanh(), o = chunks[3].sigmoid();
+    const at::Tensor c_new = f * c_prev + i * g;
+    at::Tensor n = c_new;
+    if (layer_norm) {
+      auto [n_hat, r_c] = normalise(c_new);
+      n = n_hat * args[kLayerNormCellWeight] + args[kLayerNormCellBias];
+      normalized.push_back(n_hat);
+      rstds.push_back(at::cat({rstd_ih, rstd_hh, r_c}, 1));
+    }
+    const at::Tensor h_new = o * n.tanh();
+    c = zone(zoneout_cell_mask, zoneout_cell, step, c_prev, c_new);
+    h = zone(zoneout_hidden_mask, zoneout_hidden, step, h_prev, h_new);
+    hidden.push_back(h);
+    cell.push_back(c);
+    gates.push_back(at::cat({i, f, g, o}, 1));
+    last_hidden.emplace_back(step.ending, h.narrow(0, step.ending, step.batch - step.ending));
+    last_cell.emplace_back(step.ending, c.narrow(0, step.ending, step.batch - step.ending));
+  }
+  const auto in_time_order = [&](std::vector<at::Tensor> pieces, int64_t width) {
+    if (pieces.empty()) {
+      return at::empty({0, width}, input.options());
+    }
+    if (reverse) {
+      std::reverse(pieces.begin(), pieces.end());
+    }
+    return at::cat(pieces);
+  };
+  const auto by_row = [](std::vector<std::pair<int64_t, at::Tensor>> pieces) {
+    std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<at::Tensor> rows;
+    for (const auto& piece : pieces) {
+      rows.push_back(piece.second);
+    }
+    return at::cat(rows);
+  };
+  return {in_time_order(hidden, hidden_size),      by_row(last_hidden),
+          by_row(last_cell),                       in_time_order(cell, hidden_size),
+          in_time_order(gates, 4 * hidden_size),   in_time_order(input_parts, 4 * hidden_size),
+          in_time_order(hidden_parts, 4 * hidden_size), in_time_order(normalized, hidden_size),
+          in_time_order(rstds, 3)};
+}
+
+namespace {
+
+using RegularisedForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                        at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+    double, bool);
+
+using RegularisedBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+    double, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, bool, std::array<bool, 3>);
+
+variable_list regularised_tensor_args(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& layer_norm_ih,
+    const std::optional<at::Tensor>& layer_norm_hh, const std::optional<at::Tensor>& layer_norm_cell_weight,
+    const std::optional<at::Tensor>& layer_norm_cell_bias, const std::optional<at::Tensor>& recurrent_dropout_mask,
+    const std::optional<at::Tensor>& zoneout_cell_mask, const std::optional<at::Tensor>& zoneout_hidden_mask) {
+  return {input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih.value_or(at::Tensor()),
+          bias_hh.value_or(at::Tensor()), layer_norm_ih.value_or(at::Tensor()), layer_norm_hh.value_or(at::Tensor()),
+          layer_norm_cell_weight.value_or(at::Tensor()), layer_norm_cell_bias.value_or(at::Tensor()),
+          recurrent_dropout_mask.value_or(at::Tensor()), zoneout_cell_mask.value_or(at::Tensor()),
+          zoneout_hidden_mask.value_or(at::Tensor())};
+}
+
+// regularised_sequence_forward's autograd: backpropagation through time by
+// regularised_sequence_backward, saving the arguments and the op's outputs for backward (the
+// products normalised, LN(c~)'s input normalised and the three 1 / std per row, with layer norm).
+class RegularisedSequenceFunction : public torch::autograd::Function<RegularisedSequenceFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& hx,
+      const at::Tensor& cx, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+      const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+      const std::optional<at::Tensor>& layer_norm_ih, const std::optional<at::Tensor>& layer_norm_hh,
+      const std::optional<at::Tensor>& layer_norm_cell_weight, const std::optional<at::Tensor>& layer_norm_cell_bias,
+      const std::optional<at::Tensor>& recurrent_dropout_mask, const std::optional<at::Tensor>& zoneout_cell_mask,
+      const std::optional<at::Tensor>& zoneout_hidden_mask, double zoneout_cell, double zoneout_hidden,
+      bool reverse) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lstm_fused::regularised_sequence_forward", "")
+                         .typed<RegularisedForwardFn>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, hy, cy, cell_states, gates, input_part, hidden_part, normalized_cell, layer_norm_rstd] =
+        op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm_ih, layer_norm_hh,
+                layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask,
+                zoneout_hidden_mask, zoneout_cell, zoneout_hidden, reverse);
+    ctx->set_materialize_grads(false);
+    variable_list saved = regularised_tensor_args(
+        input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm_ih, layer_norm_hh,
+        layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask, zoneout_hidden_mask);
+    for (const at::Tensor& t : {output, cell_states, gates, input_part, hidden_part, normalized_cell, layer_norm_rstd}) {
+      saved.push_back(t);
+    }
+    ctx->save_for_backward(saved);
+    ctx->mark_non_differentiable({input_part, hidden_part, normalized_cell, layer_norm_rstd});
+    ctx->saved_data["zoneout_cell"] = zoneout_cell;
+    ctx->saved_data["zoneout_hidden"] = zoneout_hidden;
+    ctx->saved_data["reverse"] = reverse;
+    return {output, hy, cy, cell_states, gates, input_part, hidden_part, normalized_cell, layer_norm_rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const variable_list inputs(saved.begin(), saved.begin() + kNumRegularisedArgs);
+    const auto needs = inputs_needing_grad<kNumRegularisedArgs>(ctx, inputs);
+    variable_list result(kNumRegularisedArgs + 3);  // the three non-tensor arguments have none
+    if (std::none_of(grad_outputs.begin(), grad_outputs.begin() + 5, [](const at::Tensor& g) { return g.defined(); })) {
+      return result;
+    }
+    const double zoneout_cell = ctx->saved_data["zoneout_cell"].toDouble();
+    const double zoneout_hidden = ctx->saved_data["zoneout_hidden"].toDouble();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: gradients autograd can differentiate again, through the composite.
+      const variable_list outputs = regularised_sequence_composite(inputs, zoneout_cell, zoneout_hidden, reverse);
+      const variable_list used_outputs(outputs.begin(), outputs.begin() + 5);
+      const variable_list used_grads(grad_outputs.begin(), grad_outputs.begin() + 5);
+      const variable_list grads = differentiable_backward(inputs, used_outputs, used_grads, needs);
+      std::copy(grads.begin(), grads.end(), result.begin());
+      return result;
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lstm_fused::regularised_sequence_backward", "")
+                         .typed<RegularisedBackwardFn>();
+    const auto& [output, cell_states, gates, input_part, hidden_part, normalized_cell, layer_norm_rstd] =
+        std::tie(saved[15], saved[16], saved[17], saved[18], saved[19], saved[20], saved[21]);
+    const std::array<bool, 3> output_mask{needs[kInput], needs[kWeightIh], needs[kWeightHh]};
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto grads = op.call(
+        optional(grad_outputs[0]), optional(grad_outputs[1]), optional(grad_outputs[2]), optional(grad_outputs[3]),
+        optional(grad_outputs[4]), inputs[kInput], inputs[kBatchSizes], inputs[kHx], inputs[kCx], inputs[kWeightIh],
+        inputs[kWeightHh], optional(inputs[kLayerNormIh]), optional(inputs[kLayerNormHh]),
+        optional(inputs[kLayerNormCellWeight]), optional(inputs[kLayerNormCellBias]),
+        optional(inputs[kRecurrentDropoutMask]), optional(inputs[kZoneoutCellMask]),
+        optional(inputs[kZoneoutHiddenMask]), zoneout_cell, zoneout_hidden, output, cell_states, gates, input_part,
+        hidden_part, normalized_cell, layer_norm_rstd, reverse, output_mask);
+    const variable_list by_input{std::get<0>(grads), at::Tensor(), std::get<1>(grads), std::get<2>(grads),
+                                 std::get<3>(grads), std::get<4>(grads), std::get<5>(grads), std::get<5>(grads),
+                                 std::get<6>(grads), std::get<7>(grads), std::get<8>(grads), std::get<9>(grads)};
+    for (size_t i = 0; i < by_input.size(); ++i) {
+      if (needs[i]) {
+        result[i] = by_input[i];
+      }
+    }
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+regularised_sequence_forward_autograd(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& layer_norm_ih,
+    const std::optional<at::Tensor>& layer_norm_hh, const std::optional<at::Tensor>& layer_norm_cell_weight,
+    const std::optional<at::Tensor>& layer_norm_cell_bias, const std::optional<at::Tensor>& recurrent_dropout_mask,
+    const std::optional<at::Tensor>& zoneout_cell_mask, const std::optional<at::Tensor>& zoneout_hidden_mask,
+    double zoneout_cell, double zoneout_hidden, bool reverse) {
+  const variable_list args = regularised_tensor_args(
+      input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm_ih, layer_norm_hh,
+      layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask, zoneout_hidden_mask);
+  variable_list outputs;
+  if (!regularised_has_fused_kernel(input) ||
+      runs_composite({&input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh),
+                      pointer_or_null(layer_norm_ih), pointer_or_null(layer_norm_hh),
+                      pointer_or_null(layer_norm_cell_weight), pointer_or_null(layer_norm_cell_bias)})) {
+    TORCH_CHECK(
+        zoneout_cell >= 0.0 && zoneout_cell <= 1.0 && zoneout_hidden >= 0.0 && zoneout_hidden <= 1.0,
+        "lstm_fused: zoneout_cell and zoneout_hidden must be probabilities in [0, 1], got ", zoneout_cell, " and ",
+        zoneout_hidden);
+    outputs = regularised_sequence_composite(args, zoneout_cell, zoneout_hidden, reverse);
+  } else {
+    outputs = RegularisedSequenceFunction::apply(
+        input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm_ih, layer_norm_hh,
+        layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask, zoneout_hidden_mask,
+        zoneout_cell, zoneout_hidden, reverse);
+  }
+  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5], outputs[6], outputs[7], outputs[8]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
+  m.impl("regularised_sequence_forward", &regularised_sequence_forward_autograd);
 }
 
 }  // namespace lstm_fused

@@ -69,11 +69,12 @@ from . import reference  # noqa: E402  (after the check: these import the compil
 from ._ops import BUILD_INFO, cpu_capability, supported_cpu_capabilities  # noqa: E402
 from .convert import convert  # noqa: E402
 from .functional import LSTMGates, lstm_cell  # noqa: E402
-from .modules import LSTM, LSTMCell, LSTMLayerStates  # noqa: E402
+from .modules import LSTM, LSTMCell, LSTMCellMasks, LSTMLayerStates  # noqa: E402
+from . import regularised  # noqa: E402
 
 WITH_CUDA = BUILD_INFO.WITH_CUDA
 
 __all__ = [
-    "LSTM", "LSTMCell", "LSTMGates", "LSTMLayerStates", "convert", "lstm_cell", "reference", "WITH_CUDA",
+    "LSTM", "LSTMCell", "LSTMCellMasks", "LSTMGates", "LSTMLayerStates", "convert", "lstm_cell", "reference", "WITH_CUDA",
     "__version__", "cpu_capability", "supported_cpu_capabilities",
 ]

@@ -172,3 +172,79 @@ def _sequence_backward_flops(grad_output, grad_hy, grad_cy, grad_cell_states, gr
     return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1],
                           output_mask[0] + output_mask[3], 1 + output_mask[4]) + _projection_flops(
         input[0], weight_hr, 2)
+
+
+# --- the regularised LSTM layer (issue 16, csrc/regularised.cpp) ----------------------------------
+
+
+@torch.library.register_fake("lstm_fused::regularised_sequence_forward")
+def _regularised_sequence_forward_fake(
+    input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, layer_norm_ih, layer_norm_hh,
+    layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask, zoneout_hidden_mask,
+    zoneout_cell, zoneout_hidden, reverse,
+):
+    rows, batch, hidden_size = input.shape[0], hx.shape[0], weight_hh.shape[1]
+    # What backward keeps of layer norm: [0, ...] without it.
+    kept = rows if layer_norm_ih is not None else 0
+    return (
+        input.new_empty(rows, hidden_size),
+        input.new_empty(batch, hidden_size),
+        input.new_empty(batch, hidden_size),
+        input.new_empty(rows, hidden_size),
+        input.new_empty(rows, 4 * hidden_size),
+        input.new_empty(kept, 4 * hidden_size),
+        input.new_empty(kept, 4 * hidden_size),
+        input.new_empty(kept, hidden_size),
+        input.new_empty(kept, 3),
+    )
+
+
+@torch.library.register_fake("lstm_fused::regularised_sequence_backward")
+def _regularised_sequence_backward_fake(
+    grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, batch_sizes, hx, cx, weight_ih, weight_hh,
+    layer_norm_ih, layer_norm_hh, layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask,
+    zoneout_cell_mask, zoneout_hidden_mask, zoneout_cell, zoneout_hidden, output, cell_states, gates, input_part,
+    hidden_part, normalized_cell, layer_norm_rstd, reverse, output_mask,
+):
+    hidden_size = weight_hh.shape[1]
+
+    def like(want, shape):
+        return input.new_empty(shape) if want else input.new_empty(0)
+
+    layer_norm = layer_norm_ih is not None
+    return (
+        like(output_mask[0], input.shape),
+        input.new_empty(hx.shape),
+        input.new_empty(hx.shape),
+        like(output_mask[1], weight_ih.shape),
+        like(output_mask[2], weight_hh.shape),
+        input.new_empty(4 * hidden_size),
+        like(layer_norm, (4 * hidden_size,)),
+        like(layer_norm, (4 * hidden_size,)),
+        like(layer_norm, (hidden_size,)),
+        like(layer_norm, (hidden_size,)),
+    )
+
+
+@torch.library.register_fake("lstm_fused::regularised_pointwise_")
+def _regularised_pointwise_fake(*args):
+    return None
+
+
+@torch.library.register_fake("lstm_fused::regularised_gate_grads_")
+def _regularised_gate_grads_fake(*args):
+    return None
+
+
+@register_flop_formula(ops.regularised_sequence_forward)
+def _regularised_sequence_forward_flops(input, batch_sizes, hx, cx, weight_ih, weight_hh, *args, out_shape=None,
+                                        **kwargs):
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1)
+
+
+@register_flop_formula(ops.regularised_sequence_backward)
+def _regularised_sequence_backward_flops(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input,
+                                         batch_sizes, hx, cx, weight_ih, weight_hh, *args, out_shape=None, **kwargs):
+    output_mask = args[-1]
+    return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1],
+                          output_mask[0] + output_mask[1], 1 + output_mask[2])

@@ -6,8 +6,31 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import functional, regularised
 from .functional import LSTMGates
+
+
+def _register_layer_norm(module: nn.Module, suffix: str, hidden_size: int, factory_kwargs) -> None:
+    """layer_norm_ih{suffix}, layer_norm_hh{suffix} [4H] (ones), layer_norm_cell_weight{suffix} [H]
+    (ones), layer_norm_cell_bias{suffix} [H] (zeros)."""
+    for name, size in (("ih", 4 * hidden_size), ("hh", 4 * hidden_size), ("cell_weight", hidden_size),
+                       ("cell_bias", hidden_size)):
+        module.register_parameter(f"layer_norm_{name}{suffix}", nn.Parameter(torch.empty(size, **factory_kwargs)))
+
+
+def _reset_layer_norm(module: nn.Module) -> None:
+    with torch.no_grad():
+        for name, parameter in module.named_parameters(recurse=False):
+            if name.startswith("layer_norm_"):
+                parameter.fill_(0.0 if name.startswith("layer_norm_cell_bias") else 1.0)
+
+
+class LSTMCellMasks(NamedTuple):
+    """The zoneout masks of one lf.LSTMCell call in training, each [batch, hidden_size] of 0 or 1
+    (1: the unit kept its previous value); None when that state's zoneout is 0 or in eval mode."""
+
+    zoneout_cell: Optional[Tensor] = None
+    zoneout_hidden: Optional[Tensor] = None
 
 
 class LSTMCell(nn.LSTMCell):
@@ -21,15 +44,26 @@ class LSTMCell(nn.LSTMCell):
         hidden_size: features of the states h and c.
         bias: if ``False``, no ``bias_ih`` and ``bias_hh``. Default: ``True``.
         device, dtype: where and in what the parameters are made, as for nn.LSTMCell.
+        layer_norm (keyword-only): if ``True``, layer normalisation of both products and of the
+            cell state before its tanh, with parameters ``layer_norm_ih``, ``layer_norm_hh`` [4H]
+            (initially 1), ``layer_norm_cell_weight`` [H] (1) and ``layer_norm_cell_bias`` [H] (0).
+            Default: ``False`` (no extra parameters: nn.LSTMCell's state_dict).
+        zoneout (keyword-only): probability that a unit keeps its previous value, a float for
+            both states or a pair ``(cell, hidden)``: in training each unit of each row keeps it
+            with that probability; in eval mode the old and new values are blended by it.
+            Default: 0. The formulas are lstm_fused.regularised's.
 
-    ``cell(input, hx=None, *, return_gates=False)``:
+    ``cell(input, hx=None, *, return_gates=False, return_masks=False)``:
         input: (batch, input_size), or unbatched (input_size,).
         hx: ``(h_0, c_0)``, each (batch, hidden_size) (unbatched: (hidden_size,)); ``None``: zeros.
         return_gates: if ``True``, also return the step's activated gates as an
             :class:`lstm_fused.LSTMGates` (input, forget, cell, output; each shaped like h_1).
             They cost nothing extra, and gradients flow through them.
 
-    Returns ``(h_1, c_1)``, or ``(h_1, c_1, gates)``.
+        return_masks: if ``True``, also return (last) the :class:`lstm_fused.LSTMCellMasks` of
+            the call: the zoneout masks drawn in training, None where not drawn.
+
+    Returns ``(h_1, c_1)``, or ``(h_1, c_1, gates)``, then the masks if asked for.
 
     float32 and float64 are computed natively, float16 and bfloat16 in float32 and stored in their
     own dtype. Double backward, ``torch.func`` transforms and forward-mode AD work (the step then
@@ -37,10 +71,57 @@ class LSTMCell(nn.LSTMCell):
     the meta device.
     """
 
-    def forward(self, input, hx=None, *, return_gates: bool = False):
-        return functional.lstm_cell(
-            input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, return_gates=return_gates
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, layer_norm=False, zoneout=0.0):
+        zoneout = regularised.zoneout_pair(zoneout)
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        self.zoneout = zoneout
+        self.layer_norm = bool(layer_norm)
+        if self.layer_norm:
+            _register_layer_norm(self, "", hidden_size, {"device": device, "dtype": dtype})
+            _reset_layer_norm(self)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # nn's uniform init of every parameter...
+        _reset_layer_norm(self)  # ...but the normalisations start as the identity
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self._regularised():
+            text += f", layer_norm={self.layer_norm}, zoneout={self.zoneout}"
+        return text
+
+    def _regularised(self) -> bool:
+        # getattr: a cell converted in place by lf.convert has neither attribute.
+        return getattr(self, "layer_norm", False) or getattr(self, "zoneout", (0.0, 0.0)) != (0.0, 0.0)
+
+    def forward(self, input, hx=None, *, return_gates: bool = False, return_masks: bool = False):
+        if not self._regularised():
+            result = functional.lstm_cell(
+                input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, return_gates=return_gates
+            )
+            return result + (LSTMCellMasks(),) if return_masks else result
+        input, h_0, c_0, batched = functional.prepare_cell_args(input, hx, self.hidden_size)
+        norm = (
+            regularised.LayerNormWeights(
+                self.layer_norm_ih, self.layer_norm_hh, self.layer_norm_cell_weight, self.layer_norm_cell_bias
+            )
+            if self.layer_norm
+            else None
         )
+        h_1, c_1, gates, masks = regularised.lstm_cell(
+            input, h_0, c_0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, norm,
+            zoneout=self.zoneout, training=self.training,
+        )
+        cell_masks = LSTMCellMasks(masks.zoneout_cell, masks.zoneout_hidden)
+        if not batched:
+            h_1, c_1, gates = h_1.squeeze(0), c_1.squeeze(0), gates.squeeze(0)
+            cell_masks = LSTMCellMasks(*(None if m is None else m.squeeze(0) for m in cell_masks))
+        result = (h_1, c_1)
+        if return_gates:
+            result += (LSTMGates(*gates.chunk(4, dim=-1)),)
+        if return_masks:
+            result += (cell_masks,)
+        return result
 
 
 def check_state_pair(hx) -> None:
@@ -101,6 +182,14 @@ class LSTMLayerStates(NamedTuple):
     gates: LSTMGates  # activated i, f, g, o
     cell_state: Tensor  # c_t
     hidden_before_projection: Optional[Tensor] = None  # o_t * tanh(c_t), with proj_size > 0
+    # The random masks of a training call with the regularisations (issue 16); None when that
+    # option is off or in eval mode. recurrent_dropout_mask [B, H] and weight_drop_mask [4H, H]
+    # hold 0 or 1 / (1 - p); the zoneout masks hold every step's 0/1 (1: kept the previous
+    # value), laid out like cell_state.
+    recurrent_dropout_mask: Optional[Tensor] = None
+    weight_drop_mask: Optional[Tensor] = None
+    zoneout_cell_mask: Optional[Tensor] = None
+    zoneout_hidden_mask: Optional[Tensor] = None
 
 
 class LSTM(nn.LSTM):
@@ -129,6 +218,16 @@ class LSTM(nn.LSTM):
             ``weight_hh_l[k]`` is [4 * hidden_size, proj_size]. The projection is part of the fused
             recurrence and of its hand-written backward. Default: 0.
         device, dtype: where and in what the parameters are made, as for nn.LSTM.
+        layer_norm, zoneout (keyword-only): as for :class:`lstm_fused.LSTMCell`, per layer and
+            direction: parameters ``layer_norm_ih_l0``, ``layer_norm_hh_l0``,
+            ``layer_norm_cell_weight_l0``, ``layer_norm_cell_bias_l0`` (``..._l0_reverse``, ...).
+        recurrent_dropout (keyword-only): in training, each layer and direction multiplies the
+            h_{t-1} it feeds its recurrent product by one mask of 0 and 1 / (1 - p) [batch, hidden],
+            drawn per call and the same at every step (variational dropout). Default: 0.
+        weight_drop (keyword-only): in training, each layer and direction's weight_hh is
+            multiplied by a mask of 0 and 1 / (1 - p) drawn per call (DropConnect, AWD-LSTM's
+            WeightDrop). Default: 0. With any of these four options, ``return_states`` also returns
+            the masks used; the defaults keep nn.LSTM's parameters and state_dict.
 
     ``lstm(input, hx=None, *, return_states=False)``:
         input: (seq, batch, input_size), (batch, seq, input_size) with batch_first, unbatched
@@ -158,6 +257,52 @@ class LSTM(nn.LSTM):
     ``torch._dynamo.config.allow_rnn = True``; with it, the forward compiles without graph breaks.
     ``flatten_parameters()`` is a no-op.
     """
+
+    def __init__(self, *args, layer_norm=False, zoneout=0.0, recurrent_dropout=0.0, weight_drop=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_regularisation(layer_norm, zoneout, recurrent_dropout, weight_drop)
+
+    def _init_regularisation(self, layer_norm, zoneout, recurrent_dropout, weight_drop) -> None:
+        self.layer_norm = bool(layer_norm)
+        self.zoneout = regularised.zoneout_pair(zoneout)
+        self.recurrent_dropout = regularised.check_dropout_probability(recurrent_dropout, "recurrent_dropout")
+        self.weight_drop = regularised.check_dropout_probability(weight_drop, "weight_drop")
+        if self.proj_size > 0 and self._regularised():
+            raise ValueError(
+                "lstm_fused.LSTM: layer_norm, zoneout, recurrent_dropout and weight_drop do not support "
+                f"proj_size > 0 (got proj_size={self.proj_size})"
+            )
+        if self.layer_norm:
+            factory_kwargs = {"device": self.weight_ih_l0.device, "dtype": self.weight_ih_l0.dtype}
+            for suffix in self._layer_suffixes():
+                _register_layer_norm(self, suffix, self.hidden_size, factory_kwargs)
+            _reset_layer_norm(self)
+
+    def _layer_suffixes(self):
+        directions = ("", "_reverse") if self.bidirectional else ("",)
+        return [f"_l{layer}{direction}" for layer in range(self.num_layers) for direction in directions]
+
+    def _regularised(self) -> bool:
+        # getattr: nn.LSTM's own __init__ calls methods (reset_parameters) before these exist.
+        return (
+            getattr(self, "layer_norm", False)
+            or getattr(self, "zoneout", (0.0, 0.0)) != (0.0, 0.0)
+            or getattr(self, "recurrent_dropout", 0.0) > 0
+            or getattr(self, "weight_drop", 0.0) > 0
+        )
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # nn's uniform init of every parameter...
+        _reset_layer_norm(self)  # ...but the normalisations start as the identity
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        for name, default in (("layer_norm", False), ("zoneout", (0.0, 0.0)), ("recurrent_dropout", 0.0),
+                              ("weight_drop", 0.0)):
+            value = getattr(self, name, default)
+            if value != default:
+                text += f", {name}={value}"
+        return text
 
     def flatten_parameters(self) -> None:
         """A no-op: the kernels read each weight where it is. (nn.LSTM's version moves the
@@ -216,17 +361,20 @@ class LSTM(nn.LSTM):
             hx = self.permute_hidden(hx, sorted_indices)
 
         check_devices(data, hx, self._flat_weights)
-        with autocast_as_nn_lstm(data, packed, self.proj_size > 0):
-            output, h_n, c_n, states = functional.lstm_layers(
-                data,
-                batch_sizes,
-                hx[0],
-                hx[1],
-                self.all_weights,
-                bidirectional=self.bidirectional,
-                dropout=self.dropout,
-                training=self.training,
-            )
+        if self._regularised():
+            output, h_n, c_n, states = self._regularised_layers(data, batch_sizes, hx)
+        else:
+            with autocast_as_nn_lstm(data, packed, self.proj_size > 0):
+                output, h_n, c_n, states = functional.lstm_layers(
+                    data,
+                    batch_sizes,
+                    hx[0],
+                    hx[1],
+                    self.all_weights,
+                    bidirectional=self.bidirectional,
+                    dropout=self.dropout,
+                    training=self.training,
+                )
 
         def like_output(rows: Tensor):
             # [rows, features] -> the layout of the output, PackedSequence included.
@@ -243,8 +391,25 @@ class LSTM(nn.LSTM):
         result = (like_output(output), (h_n, c_n))
         if not return_states:
             return result
+        def batch_rows(mask):
+            # A [B, H] mask in the caller's batch order, as h_n.
+            if mask is None:
+                return None
+            if unsorted_indices is not None:
+                mask = mask.index_select(0, unsorted_indices)
+            return mask if packed or batched else mask.squeeze(0)
 
-        def layer_states(cell_states: Tensor, gates: Tensor) -> LSTMLayerStates:
+        def mask_fields(masks):
+            if masks is None:
+                return {}
+            return dict(
+                recurrent_dropout_mask=batch_rows(masks.recurrent_dropout),
+                weight_drop_mask=masks.weight_drop,
+                zoneout_cell_mask=None if masks.zoneout_cell is None else like_output(masks.zoneout_cell),
+                zoneout_hidden_mask=None if masks.zoneout_hidden is None else like_output(masks.zoneout_hidden),
+            )
+
+        def layer_states(cell_states: Tensor, gates: Tensor, masks=None) -> LSTMLayerStates:
             input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, dim=1)
             # o * tanh(c), what weight_hr multiplies: the same formula as the kernels', from their outputs.
             unprojected = like_output(output_gate * cell_states.tanh()) if self.proj_size > 0 else None
@@ -252,7 +417,31 @@ class LSTM(nn.LSTM):
                 LSTMGates(*(like_output(gate) for gate in (input_gate, forget_gate, cell_gate, output_gate))),
                 like_output(cell_states),
                 unprojected,
+                **mask_fields(masks),
             )
 
-        layer_states = tuple(layer_states(cell_states, gates) for cell_states, gates in states)
+        layer_states = tuple(layer_states(*state) for state in states)
         return result + (layer_states,)
+
+    def _regularised_layers(self, data, batch_sizes, hx):
+        layer_norms = None
+        if self.layer_norm:
+            layer_norms = [
+                regularised.LayerNormWeights(*(getattr(self, f"layer_norm_{name}{suffix}")
+                                               for name in ("ih", "hh", "cell_weight", "cell_bias")))
+                for suffix in self._layer_suffixes()
+            ]
+        return regularised.lstm_layers(
+            data,
+            batch_sizes,
+            hx[0],
+            hx[1],
+            self.all_weights,
+            layer_norms,
+            bidirectional=self.bidirectional,
+            dropout=self.dropout,
+            training=self.training,
+            zoneout=self.zoneout,
+            recurrent_dropout=self.recurrent_dropout,
+            weight_drop=self.weight_drop,
+        )

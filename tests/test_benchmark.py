@@ -184,3 +184,22 @@ def test_on_a_terminal_the_progress_bar_is_redrawn_in_place_with_an_eta():
     assert frames[1].startswith("[" + "#" * (benchmark.Progress.WIDTH // 4) + ".") and "1/2" in frames[1]
     assert "ETA" in frames[1] and "first case" in frames[1]
     assert frames[2].startswith("[" + "#" * benchmark.Progress.WIDTH + "] 2/2") and "ETA 0:00" in frames[2]
+
+
+def test_regularised_benchmark_runs_and_reports(capsys):
+    # benchmarks/regularised.py (issue 16) at toy sizes: every option, its table and its summary line.
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "regularised.py"
+    spec = importlib.util.spec_from_file_location("regularised_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    previous = torch.get_num_threads()
+    try:
+        assert module.main(["--hidden", "8", "--batch", "2", "-T", "3", "--threads", "1", "--min-run-time", "0.01"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    report = capsys.readouterr().out
+    for option in module.OPTIONS:
+        assert f"{option:>18}    8   2" in report
+    assert "vs the Python loop:" in report and "vs plain lf.LSTM:" in report

@@ -142,3 +142,26 @@ def test_lstm_shapes_runs_as_a_script(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "4. Bidirectional" in result.stdout and "Ran in" in result.stdout
+
+
+def test_zoneout_masks_claims_hold(tmp_path, capsys):
+    metrics, report = run_example("zoneout_masks", tmp_path, capsys)
+    # A kept unit is exactly its previous value; an updated one the un-zoned LSTM's update.
+    assert metrics["max_kept_difference"] == 0.0
+    assert metrics["max_updated_difference"] < 1e-12
+    # 96 draws per state: the kept fractions near z (0.25 cell, 0.4 hidden), well inside chance.
+    assert 0.1 < metrics["kept_fraction_cell"] < 0.45 and 0.2 < metrics["kept_fraction_hidden"] < 0.6
+    assert metrics["replay_output_difference"] < 1e-12 and metrics["replay_grad_difference"] < 1e-10
+    assert metrics["eval_difference"] < 1e-12 and not metrics["eval_has_masks"]
+    for part in ("1. Zoneout", "2. Replaying", "3. Eval mode"):
+        assert part in report
+
+
+def test_zoneout_masks_runs_as_a_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "zoneout_masks.py"), "--seed", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Ran in" in result.stdout
+    assert (tmp_path / "zoneout_masks.png").exists() == HAVE_MATPLOTLIB

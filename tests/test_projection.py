@@ -234,8 +234,10 @@ def test_hidden_before_projection(dtype, layout):
 def test_states_without_projection_keep_their_fields():
     lstm = lf.LSTM(INPUT_SIZE, HIDDEN_SIZE)
     _, _, (state,) = lstm(torch.randn(4, 2, INPUT_SIZE), return_states=True)
-    gates, cell_state, unprojected = state
+    gates, cell_state, unprojected = state[:3]
     assert unprojected is None and state.hidden_before_projection is None
+    # No regularisation: no masks either.
+    assert all(mask is None for mask in state[3:])
     assert cell_state.shape == (4, 2, HIDDEN_SIZE) and gates.forget.shape == (4, 2, HIDDEN_SIZE)
 
 

@@ -44,6 +44,17 @@ struct PointwiseUnits {
   BackwardUnitsFn<T>* backward;
 };
 
+// The regularised LSTM's (regularised_cell.cpp): a row's activations in place (i, f, g, o of
+// [4 * hidden]) with c~ = f c_prev + i g, and tanh of count values; each returns the first unit left
+// for the scalar loop.
+using RegularisedActivationsFn = int64_t(float* gates, const float* cell_prev, float* cell_new, int64_t hidden_size);
+using TanhUnitsFn = int64_t(const float* in, float* out, int64_t count);
+// Layer norm over a row of n: v normalised in place (biased variance), returning 1 / std; and the
+// gradient of v from that of LN's output, rstd * (dy - mean(dy) - x_hat mean(dy x_hat)), dy = grad gamma.
+using NormaliseRowFn = float(float* v, int64_t n, float epsilon);
+using LayerNormBackwardRowFn = void(const float* grad, const float* gamma, const float* x_hat, float rstd, int64_t n,
+                                    float* out);
+
 struct Kernels {
   const char* name;  // "default", "avx2", "avx512", "neon": what lstm_fused.cpu_capability() says
 
@@ -65,6 +76,11 @@ struct Kernels {
   const PointwiseUnits<float>* float_units;
   const PointwiseUnits<BFloat16Bits>* bfloat16_units;
   const PointwiseUnits<HalfBits>* half_units;
+
+  RegularisedActivationsFn* regularised_activations;
+  TanhUnitsFn* tanh_units;
+  NormaliseRowFn* normalise_row;
+  LayerNormBackwardRowFn* layer_norm_backward_row;
 };
 
 // The table in use (capability.cpp).
@@ -79,6 +95,12 @@ extern const Kernels table;
 extern const PointwiseUnits<float> float_units;
 extern const PointwiseUnits<BFloat16Bits> bfloat16_units;
 extern const PointwiseUnits<HalfBits> half_units;
+
+// regularised_units.cpp of this compile.
+RegularisedActivationsFn regularised_activations;
+TanhUnitsFn tanh_units;
+NormaliseRowFn normalise_row;
+LayerNormBackwardRowFn layer_norm_backward_row;
 }  // namespace CPU_CAPABILITY
 #endif
 

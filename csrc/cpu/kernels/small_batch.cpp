@@ -1007,6 +1007,10 @@ const Kernels table = {
     &float_units,
     &bfloat16_units,
     &half_units,
+    regularised_activations,
+    tanh_units,
+    normalise_row,
+    layer_norm_backward_row,
 };
 
 }  // namespace CPU_CAPABILITY
