@@ -17,6 +17,24 @@ namespace lstm_fused {
 // the rows that end there (csrc/cpu/small_batch.h's RecurrenceStep). Defined in sequence.cpp.
 std::vector<cpu::RecurrenceStep> visiting_order(const std::vector<int64_t>& batch_sizes, bool reverse);
 
+// The state a step starts from: the previous visited step's rows for the sequences that continue,
+// the initial state for those that begin here. A view except where both meet (reverse direction,
+// at a step where the batch grows), which needs one small concatenation. (sequence.cpp)
+at::Tensor previous_rows(const at::Tensor& states, const at::Tensor& initial, const cpu::RecurrenceStep& step);
+
+// Backpropagation through time, at the step being visited: rows [0, step.batch) of grad_hidden and
+// grad_cell, which hold what the step after it passed back, become all that reaches the step's h
+// and c: a sequence's last step starts from grad_hy, grad_cy (zero where absent), and every step
+// adds its rows of grad_output and grad_cell_states. (sequence.cpp)
+void add_incoming_grads(
+    const cpu::RecurrenceStep& step,
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_cell_states,
+    at::Tensor& grad_hidden,
+    at::Tensor& grad_cell);
+
 // Allocates a kernel output. When the test hook `_set_poison_outputs(True)` is on, the memory is
 // NaN-filled first, so an element a kernel forgets to write fails the comparison tests.
 at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);

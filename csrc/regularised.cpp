@@ -35,20 +35,6 @@ at::Tensor defined_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// The state a step starts from (sequence.cpp's previous_rows): the previous visited step's rows
-// for the sequences that continue, the initial state's for those that begin here.
-at::Tensor previous_rows(const at::Tensor& states, const at::Tensor& initial, const Step& step) {
-  if (step.carried == step.batch) {
-    return states.narrow(0, step.previous_offset, step.batch);
-  }
-  if (step.carried == 0) {
-    return initial.narrow(0, 0, step.batch);
-  }
-  return at::cat(
-      {states.narrow(0, step.previous_offset, step.carried),
-       initial.narrow(0, step.carried, step.batch - step.carried)});
-}
-
 std::optional<at::Tensor> rows_of(const std::optional<at::Tensor>& t, int64_t offset, int64_t rows) {
   return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, offset, rows)) : std::nullopt;
 }
@@ -279,21 +265,9 @@ RegularisedGrads regularised_sequence_backward(
   const std::vector<Step> steps = visiting_order(sizes, reverse);
   for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
     const Step& step = *step_it;
-    const int64_t ending_rows = step.batch - step.ending;
-    if (ending_rows > 0) {
-      at::Tensor hidden_rows = grad_hidden.narrow(0, step.ending, ending_rows);
-      at::Tensor cell_rows = grad_cell.narrow(0, step.ending, ending_rows);
-      grad_hy.has_value() ? hidden_rows.copy_(grad_hy->narrow(0, step.ending, ending_rows)) : hidden_rows.zero_();
-      grad_cy.has_value() ? cell_rows.copy_(grad_cy->narrow(0, step.ending, ending_rows)) : cell_rows.zero_();
-    }
+    add_incoming_grads(step, grad_output, grad_hy, grad_cy, grad_cell_states, grad_hidden, grad_cell);
     at::Tensor step_grad_hidden = grad_hidden.narrow(0, 0, step.batch);
     at::Tensor step_grad_cell = grad_cell.narrow(0, 0, step.batch);
-    if (grad_output.has_value()) {
-      step_grad_hidden.add_(grad_output->narrow(0, step.offset, step.batch));
-    }
-    if (grad_cell_states.has_value()) {
-      step_grad_cell.add_(grad_cell_states->narrow(0, step.offset, step.batch));
-    }
     const auto rows = [&](const at::Tensor& t) { return layer_norm ? t.narrow(0, step.offset, step.batch) : unused; };
     at::Tensor step_grad_preactivation = grad_preactivations.narrow(0, step.offset, step.batch);
     at::Tensor step_grad_input_part = rows(grad_input_parts);

@@ -50,15 +50,7 @@ std::vector<cpu::RecurrenceStep> visiting_order(const std::vector<int64_t>& batc
   return steps;
 }
 
-namespace {
-
-// One time step, as the recurrence visits it (last step first when reverse).
-using Step = cpu::RecurrenceStep;
-
-// The state a step starts from: the previous visited step's rows for the sequences that continue,
-// the initial state for those that begin here. A view except where both meet (reverse direction,
-// at a step where the batch grows), which needs one small concatenation.
-at::Tensor previous_rows(const at::Tensor& states, const at::Tensor& initial, const Step& step) {
+at::Tensor previous_rows(const at::Tensor& states, const at::Tensor& initial, const cpu::RecurrenceStep& step) {
   if (step.carried == step.batch) {
     return states.narrow(0, step.previous_offset, step.batch);
   }
@@ -69,6 +61,34 @@ at::Tensor previous_rows(const at::Tensor& states, const at::Tensor& initial, co
       {states.narrow(0, step.previous_offset, step.carried),
        initial.narrow(0, step.carried, step.batch - step.carried)});
 }
+
+void add_incoming_grads(
+    const cpu::RecurrenceStep& step,
+    const std::optional<at::Tensor>& grad_output,
+    const std::optional<at::Tensor>& grad_hy,
+    const std::optional<at::Tensor>& grad_cy,
+    const std::optional<at::Tensor>& grad_cell_states,
+    at::Tensor& grad_hidden,
+    at::Tensor& grad_cell) {
+  const int64_t ending_rows = step.batch - step.ending;
+  if (ending_rows > 0) {
+    at::Tensor hidden_rows = grad_hidden.narrow(0, step.ending, ending_rows);
+    at::Tensor cell_rows = grad_cell.narrow(0, step.ending, ending_rows);
+    grad_hy.has_value() ? hidden_rows.copy_(grad_hy->narrow(0, step.ending, ending_rows)) : hidden_rows.zero_();
+    grad_cy.has_value() ? cell_rows.copy_(grad_cy->narrow(0, step.ending, ending_rows)) : cell_rows.zero_();
+  }
+  if (grad_output.has_value()) {
+    grad_hidden.narrow(0, 0, step.batch).add_(grad_output->narrow(0, step.offset, step.batch));
+  }
+  if (grad_cell_states.has_value()) {
+    grad_cell.narrow(0, 0, step.batch).add_(grad_cell_states->narrow(0, step.offset, step.batch));
+  }
+}
+
+namespace {
+
+// One time step, as the recurrence visits it (last step first when reverse).
+using Step = cpu::RecurrenceStep;
 
 // Copies row ranges into one destination, merging a copy that continues the previous one in both
 // source and destination: a padded batch gathers its previous hidden states in two copies, not T.
@@ -276,21 +296,9 @@ void loop_backward(
   const at::Tensor weight_hh_t = weight_hh.t();
   for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
     const Step& step = *step_it;
-    const int64_t ending_rows = step.batch - step.ending;
-    if (ending_rows > 0) {
-      at::Tensor hidden_rows = grad_hidden.narrow(0, step.ending, ending_rows);
-      at::Tensor cell_rows = grad_cell.narrow(0, step.ending, ending_rows);
-      grad_hy.has_value() ? hidden_rows.copy_(grad_hy->narrow(0, step.ending, ending_rows)) : hidden_rows.zero_();
-      grad_cy.has_value() ? cell_rows.copy_(grad_cy->narrow(0, step.ending, ending_rows)) : cell_rows.zero_();
-    }
+    add_incoming_grads(step, grad_output, grad_hy, grad_cy, grad_cell_states, grad_hidden, grad_cell);
     at::Tensor step_grad_hidden = grad_hidden.narrow(0, 0, step.batch);
     at::Tensor step_grad_cell = grad_cell.narrow(0, 0, step.batch);
-    if (grad_output.has_value()) {
-      step_grad_hidden.add_(grad_output->narrow(0, step.offset, step.batch));
-    }
-    if (grad_cell_states.has_value()) {
-      step_grad_cell.add_(grad_cell_states->narrow(0, step.offset, step.batch));
-    }
     const std::optional<at::Tensor> step_grad_gates =
         grad_gates.has_value() ? std::optional<at::Tensor>(grad_gates->narrow(0, step.offset, step.batch)) : std::nullopt;
     at::Tensor step_grad_cell_output = step_grad_hidden;  // the gradient of o * tanh(c)
