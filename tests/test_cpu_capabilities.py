@@ -189,7 +189,10 @@ def test_reduced_precision_pointwise_rounds_as_torch(helpers, capability, dtype,
     cell_prev = helpers.randn(batch, hidden_size, dtype=torch.float64).to(dtype)
     bias = helpers.randn(4 * hidden_size, dtype=torch.float64).to(dtype)
     gates[0, 0] = float("nan")  # a NaN stays NaN (bfloat16: 0x7FC0, as c10 rounds it)
-    activated, cell_next, hidden_next = _rounded_reference(gates, cell_prev, bias)
+    try:
+        activated, cell_next, hidden_next = _rounded_reference(gates, cell_prev, bias)
+    except RuntimeError as error:  # torch's aarch64 wheel under qemu (neoverse-n1), for float16
+        pytest.skip(f"torch itself cannot widen {dtype} here, so there is no reference: {error}")
 
     kernel_gates = gates.clone()
     hy, cy = torch.empty(batch, hidden_size, dtype=dtype), torch.empty(batch, hidden_size, dtype=dtype)
