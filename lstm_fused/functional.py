@@ -213,8 +213,8 @@ def lstm_layers(
             layer_output = F.dropout(layer_output, dropout, training=True)
         layer_input = layer_output
     c_n = torch.stack(c_n)
-    if weight_hr is not None and c_n.dtype != c_0.dtype and c_0.dtype != torch.float64 and _autocast_enabled(device_type):
-        # nn.LSTM with projections runs its cell as ATen ops under autocast: c = f * c_0 + i * g
-        # promotes with a float32 c_0, so its c_n comes out float32.
+    if weight_hr is not None and c_n.dtype != c_0.dtype:
+        # Only autocast casts c_0. nn.LSTM with projections runs its cell as ATen ops there:
+        # c = f * c_0 + i * g promotes with the uncast c_0, so its c_n comes out in c_0's dtype.
         c_n = c_n.to(c_0.dtype)
     return layer_input, torch.stack(h_n), c_n, states
