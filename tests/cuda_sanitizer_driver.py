@@ -107,12 +107,14 @@ def gate_grads_case(dtype):
         check(f"cell_gate_grads {dtype} present={present} grad_cx", grad_cx, expected_cx, dtype)
 
 
-def sequence_case(steps, batch, input_size, hidden_size, dtype, bidirectional, lengths=None):
+def sequence_case(steps, batch, input_size, hidden_size, dtype, bidirectional, lengths=None, proj_size=0):
     """lf.LSTM forward and backward (its sequence ops: on CUDA the persistent kernels where they
-    fit, the loop elsewhere) against nn.LSTM in float64; `lengths` makes a PackedSequence."""
-    fused = lstm_fused.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE, dtype=dtype)
-    reference_lstm = torch.nn.LSTM(input_size, hidden_size, bidirectional=bidirectional, device=DEVICE,
-                                   dtype=torch.float64)
+    fit, the loop elsewhere) against nn.LSTM in float64; `lengths` makes a PackedSequence;
+    proj_size > 0 an LSTMP (the persistent kernels' projection)."""
+    fused = lstm_fused.LSTM(input_size, hidden_size, bidirectional=bidirectional, proj_size=proj_size, device=DEVICE,
+                            dtype=dtype)
+    reference_lstm = torch.nn.LSTM(input_size, hidden_size, bidirectional=bidirectional, proj_size=proj_size,
+                                   device=DEVICE, dtype=torch.float64)
     with torch.no_grad():
         for p, q in zip(reference_lstm.parameters(), fused.parameters()):
             p.copy_(q.double())
@@ -126,7 +128,7 @@ def sequence_case(steps, batch, input_size, hidden_size, dtype, bidirectional, l
     if lengths is not None:
         output, expected = output.data, expected.data
     name = (f"lf.LSTM {dtype} T={steps} batch={batch} hidden={hidden_size} bidirectional={bidirectional}"
-            f"{' packed' if lengths else ''}")
+            f"{' packed' if lengths else ''}{f' proj={proj_size}' if proj_size else ''}")
     check(f"{name} output", output, expected, dtype)
     check(f"{name} h_n", hn, expected_h, dtype)
     check(f"{name} c_n", cn, expected_c, dtype)
@@ -177,6 +179,14 @@ def main():
             cases += 1
     sequence_case(4, 3, 7, 24, torch.float32, False, lengths=[4, 2, 1])
     cases += 1
+    # LSTMP through the persistent kernels' projection (one more grid barrier per step, W_hr's
+    # slices resident): projection rows in one block (proj 3) and over several with a partial last
+    # one (proj 20 of hidden 40), both directions; bfloat16 at proj 16 on tensor cores.
+    for steps, batch, hidden_size, proj_size, bidirectional in [(3, 2, 5, 3, False), (4, 5, 40, 20, True),
+                                                                 (3, 17, 33, 16, True)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            sequence_case(steps, batch, 7, hidden_size, dtype, bidirectional, proj_size=proj_size)
+            cases += 1
     if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
     if failures:

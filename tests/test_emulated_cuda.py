@@ -707,3 +707,250 @@ def test_persistent_sequence_refuses_a_grid_that_cannot_be_resident(emu):
     assert path == LOOP
     (expected_output, _, _), _ = reference_sequence(lstm, x, h0, c0, False)
     assert relative_error(output.view(2, 1, -1), expected_output) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Projections (nn.LSTM's proj_size P > 0, LSTMP: h_t = W_hr (o * tanh(c_t))) in the persistent
+# kernels: one more grid barrier per step between the cell update and the projection (and in the
+# backward between grad_h W_hr and the cell's backward), W_hr's slices resident in shared memory,
+# grad_W_hr one product after the kernel
+# ------------------------------------------------------------------------------------------------
+
+
+def projected_case(steps, batch, input_size, hidden_size, proj_size, dtype):
+    """Weights (rounded to dtype) for an LSTMP layer: weight_ih, weight_hh [4H, P], bias_ih, bias_hh,
+    weight_hr [P, H]; the inputs x [T, B, I], h0 [B, P], c0 [B, H]."""
+    scale = max(1, input_size + proj_size) ** -0.5 * 2
+    shapes = [(4 * hidden_size, input_size), (4 * hidden_size, proj_size), (4 * hidden_size,), (4 * hidden_size,),
+              (proj_size, hidden_size)]
+    weights = [nonzero_randn(*shape, scale=scale if i < 4 else hidden_size ** -0.5 * 2).to(dtype).contiguous()
+               for i, shape in enumerate(shapes)]
+    x = nonzero_randn(steps, batch, input_size, dtype=dtype)
+    h0 = nonzero_randn(batch, proj_size, dtype=dtype)
+    c0 = nonzero_randn(batch, hidden_size, dtype=dtype)
+    return weights, x, h0, c0
+
+
+def reference_projected_sequence(weights, x, h0, c0, reverse, grad_output, grad_hy, grad_cy):
+    """Values (output, h_n, c_n) and every gradient (input, h_0, c_0, weight_ih, weight_hh, bias,
+    weight_hr) in float64: nn.LSTM(proj_size=P) with the same weights where nn allows the shape
+    (P < H), else (P = H, which nn refuses and the kernels take) the same step formulas in plain torch."""
+    steps, batch, input_size = x.shape
+    hidden_size, proj_size = weights[4].shape[1], weights[4].shape[0]
+    leaves = [t.double().requires_grad_() for t in (x, h0, c0)]
+    xr = leaves[0].flip(0) if reverse else leaves[0]
+    if proj_size < hidden_size:
+        lstm = nn.LSTM(input_size, hidden_size, proj_size=proj_size, dtype=torch.float64)
+        names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "weight_hr_l0"]
+        with torch.no_grad():
+            for name, w in zip(names, weights):
+                getattr(lstm, name).copy_(w.double())
+        w_ih, w_hh, b_ih, b_hh, w_hr = (getattr(lstm, name) for name in names)
+        out, (hn, cn) = lstm(xr, (leaves[1][None], leaves[2][None]))
+        hn, cn = hn[0], cn[0]
+    else:
+        w_ih, w_hh, b_ih, b_hh, w_hr = (w.double().requires_grad_() for w in weights)
+        h, c, outs = leaves[1], leaves[2], []
+        for t in range(steps):
+            i, f, g, o = (xr[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh).chunk(4, dim=1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            h = (o.sigmoid() * c.tanh()) @ w_hr.T
+            outs.append(h)
+        out, hn, cn = torch.stack(outs), h, c
+    if reverse:
+        out = out.flip(0)
+    total = (out * grad_output.double()).sum() + (hn * grad_hy.double()).sum() + (cn * grad_cy.double()).sum()
+    grads = torch.autograd.grad(total, leaves + [w_ih, w_hh, b_ih, w_hr])
+    return (out.detach(), hn.detach(), cn.detach()), grads
+
+
+def expected_projected_path(dtype, proj_size):
+    """The recurrent product reads h of width P: tensor cores for half/bfloat16 at P a multiple of 16."""
+    return TENSOR_CORES if dtype in (torch.float16, torch.bfloat16) and proj_size % 16 == 0 else PERSISTENT
+
+
+def run_projected(emu, weights, x, h0, c0, reverse, max_shared=MAX_SHARED, max_blocks=MAX_BLOCKS):
+    steps, batch, input_size = x.shape
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    *outputs, path = emu.sequence_forward(
+        x.reshape(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, w_ih, w_hh, b_ih, b_hh, reverse,
+        False, max_shared, max_blocks, w_hr,
+    )
+    return outputs, path
+
+
+def run_projected_backward(emu, weights, x, h0, c0, forward_outputs, reverse, grad_output, grad_hy, grad_cy,
+                           mask=ALL_GRADS, max_shared=MAX_SHARED, max_blocks=MAX_BLOCKS):
+    steps, batch, input_size = x.shape
+    output, _, _, cell_states, gates = forward_outputs
+    w_ih, w_hh, _, _, w_hr = weights
+    *grads, path = emu.sequence_backward(
+        None if grad_output is None else grad_output.reshape(steps * batch, -1), grad_hy, grad_cy, None, None,
+        x.reshape(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, w_ih, w_hh, output, cell_states,
+        gates, reverse, mask, max_shared, max_blocks, w_hr,
+    )
+    return grads, path
+
+
+PROJECTED_VALUE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+PROJECTED_GRAD_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+PROJECTED_GRAD_NAMES = ["input", "h_0", "c_0", "weight_ih", "weight_hh", "bias", "weight_hr"]
+
+# (steps, batch, input, hidden, proj): hidden 1, 5, 33 (a partial last block of 8 units; 33: five
+# blocks, the last with one unit), proj from 1 to hidden (P = H included: nn refuses it, the kernels
+# take it), projection rows spread over one block (P <= 8) or several (16, 32, 33); batch 1-70: the
+# tails of the 4-row tiles (1, 3, 5, 6, 9) and of the tensor cores' 16-row tiles (17, 33, 70), full
+# tiles (4, 16); P = 16 and 32 take the tensor-core kernel in half/bfloat16.
+PROJECTED_SHAPES = [
+    (3, 1, 3, 1, 1),
+    (4, 3, 7, 5, 1),
+    (3, 6, 2, 5, 4),
+    (3, 4, 1, 5, 5),
+    (2, 17, 6, 33, 16),
+    (3, 9, 4, 33, 1),
+    (2, 33, 5, 33, 7),
+    (2, 70, 3, 33, 32),
+    (2, 5, 4, 33, 33),
+    (2, 16, 3, 33, 16),
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size,proj_size", PROJECTED_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
+)
+def test_projected_sequence_on_the_persistent_kernels_against_nn_lstm(emu, dtype, steps, batch, input_size,
+                                                                       hidden_size, proj_size, reverse):
+    # lf.LSTM(proj_size=P)'s sequence ops as CUDA runs them, on the persistent kernels (asserted),
+    # against nn.LSTM(proj_size=P) in float64: output, h_n, c_n and every gradient, weight_hr's
+    # included, with upstream gradients on the outputs and both final states. Every output and
+    # scratch buffer (o * tanh(c) between the barriers, the per-step gradients of h) starts NaN.
+    weights, x, h0, c0 = projected_case(steps, batch, input_size, hidden_size, proj_size, dtype)
+    forward_outputs, path = run_projected(emu, weights, x, h0, c0, reverse)
+    assert path == expected_projected_path(dtype, proj_size), "the persistent kernel must take this shape"
+    output, hy, cy, cell_states, gates = forward_outputs
+    grad_output = nonzero_randn(steps, batch, proj_size, dtype=dtype)
+    grad_hy = nonzero_randn(batch, proj_size, dtype=dtype)
+    grad_cy = nonzero_randn(batch, hidden_size, dtype=dtype)
+    (expected_output, expected_h, expected_c), expected_grads = reference_projected_sequence(
+        weights, x, h0, c0, reverse, grad_output, grad_hy, grad_cy
+    )
+    label = f"{dtype} T={steps} B={batch} I={input_size} H={hidden_size} P={proj_size} reverse={reverse}"
+    tolerance = PROJECTED_VALUE_TOLERANCE[dtype]
+    for name, actual, expected in [
+        ("output", output.view(steps, batch, proj_size), expected_output), ("h_n", hy, expected_h),
+        ("c_n", cy, expected_c),
+    ]:
+        error = relative_error(actual, expected)
+        assert error <= tolerance, f"{label}: {name} relative error {error:.2e} > {tolerance:.0e}"
+    assert torch.isfinite(cell_states).all() and torch.isfinite(gates).all()
+
+    grads, backward_path = run_projected_backward(
+        emu, weights, x, h0, c0, forward_outputs, reverse, grad_output, grad_hy, grad_cy
+    )
+    assert backward_path == PERSISTENT
+    grads[0] = grads[0].view(steps, batch, input_size)
+    tolerance = PROJECTED_GRAD_TOLERANCE[dtype]
+    for name, actual, wanted in zip(PROJECTED_GRAD_NAMES, grads, expected_grads, strict=True):
+        error = relative_error(actual, wanted)
+        assert error <= tolerance, f"{label}: grad of {name} relative error {error:.2e} > {tolerance:.0e}"
+
+
+@pytest.mark.parametrize("upstream", ["output_only", "final_only"])
+def test_projected_backward_with_some_upstream_gradients(emu, upstream):
+    # Absent upstream gradients read as zero through the projection too; the mask's gradients only.
+    steps, batch, input_size, hidden_size, proj_size, reverse = 4, 3, 5, 11, 6, upstream == "final_only"
+    dtype = torch.float64
+    weights, x, h0, c0 = projected_case(steps, batch, input_size, hidden_size, proj_size, dtype)
+    forward_outputs, path = run_projected(emu, weights, x, h0, c0, reverse)
+    assert path == PERSISTENT
+    zero = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+    grad_output = nonzero_randn(steps, batch, proj_size) if upstream == "output_only" else None
+    grad_hy = nonzero_randn(batch, proj_size) if upstream == "final_only" else None
+    grad_cy = nonzero_randn(batch, hidden_size) if upstream == "final_only" else None
+    _, expected = reference_projected_sequence(
+        weights, x, h0, c0, reverse, zero(steps, batch, proj_size) if grad_output is None else grad_output,
+        zero(batch, proj_size) if grad_hy is None else grad_hy, zero(batch, hidden_size) if grad_cy is None else grad_cy,
+    )
+    mask = [True, False, True, False, True, True] if upstream == "output_only" else [False, True, False, True, False, False]
+    grads, backward_path = run_projected_backward(
+        emu, weights, x, h0, c0, forward_outputs, reverse, grad_output, grad_hy, grad_cy, mask=mask
+    )
+    assert backward_path == PERSISTENT
+    for name, wanted_here, actual, wanted in zip(PROJECTED_GRAD_NAMES, mask + [True], grads, expected, strict=True):
+        if not wanted_here:
+            assert actual.numel() == 0, f"grad of {name} was not asked for"
+            continue
+        error = relative_error(actual.view(wanted.shape), wanted)
+        assert error <= 1e-10, f"grad of {name}: relative error {error:.2e}"
+
+
+def projected_shared_bytes(batch, hidden_size, proj_size, itemsize):
+    """The FFMA kernels' shared memory with a projection, as the plans count it. Forward: h [B, P]
+    and W_hh's gate rows [32, P] (rounded up to 16 bytes), then u = o * tanh(c) [B, H] and W_hr's
+    rows [8, H]. Backward: W_hh's columns [4H, 8] and W_hr's [P, 8]."""
+    recurrent = (batch * proj_size + 32 * proj_size) * itemsize
+    forward = (recurrent + 15) // 16 * 16 + (batch * hidden_size + 8 * hidden_size) * itemsize
+    backward = (4 * hidden_size * 8 + proj_size * 8) * itemsize
+    return forward, backward
+
+
+def test_projection_shared_memory_is_counted_in_the_plans(emu):
+    # The projection's extra shared memory is part of the eligibility: at exactly the bytes the
+    # plan counts the kernel runs, 4 bytes fewer the call takes the loop, forward and backward.
+    steps, batch, input_size, hidden_size, proj_size, dtype = 3, 5, 4, 16, 8, torch.float32
+    weights, x, h0, c0 = projected_case(steps, batch, input_size, hidden_size, proj_size, dtype)
+    forward_bytes, backward_bytes = projected_shared_bytes(batch, hidden_size, proj_size, 4)
+    outputs, path = run_projected(emu, weights, x, h0, c0, False, max_shared=forward_bytes)
+    assert path == PERSISTENT
+    _, path = run_projected(emu, weights, x, h0, c0, False, max_shared=forward_bytes - 4)
+    assert path == LOOP
+    upstream = (nonzero_randn(steps, batch, proj_size), nonzero_randn(batch, proj_size), nonzero_randn(batch, hidden_size))
+    upstream = [u.to(dtype) for u in upstream]
+    _, path = run_projected_backward(emu, weights, x, h0, c0, outputs, False, *upstream, max_shared=backward_bytes)
+    assert path == PERSISTENT
+    _, path = run_projected_backward(emu, weights, x, h0, c0, outputs, False, *upstream, max_shared=backward_bytes - 4)
+    assert path == LOOP
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"max_shared": 1024}, {"max_blocks": 1}],
+    ids=["shared_memory", "occupancy"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_projected_shapes_the_persistent_kernel_refuses_take_the_loop(emu, dtype, limits):
+    # Refused (W_hr's and W_hh's slices do not fit, or the grid cannot be co-resident), a projected
+    # call runs the loop, which agrees with the persistent kernels and with nn.LSTM.
+    steps, batch, input_size, hidden_size, proj_size = 3, 5, 4, 16, 8
+    weights, x, h0, c0 = projected_case(steps, batch, input_size, hidden_size, proj_size, dtype)
+    persistent, path = run_projected(emu, weights, x, h0, c0, False)
+    assert path == PERSISTENT
+    loop, path = run_projected(emu, weights, x, h0, c0, False, **limits)
+    assert path == LOOP
+    grad_output = nonzero_randn(steps, batch, proj_size, dtype=dtype)
+    grad_hy = nonzero_randn(batch, proj_size, dtype=dtype)
+    grad_cy = nonzero_randn(batch, hidden_size, dtype=dtype)
+    (expected_output, expected_h, expected_c), expected_grads = reference_projected_sequence(
+        weights, x, h0, c0, False, grad_output, grad_hy, grad_cy
+    )
+    tolerance = PROJECTED_VALUE_TOLERANCE[dtype]
+    for outputs in (persistent, loop):
+        output, hy, cy, _, _ = outputs
+        assert relative_error(output.view(steps, batch, proj_size), expected_output) <= tolerance
+        assert relative_error(hy, expected_h) <= tolerance
+        assert relative_error(cy, expected_c) <= tolerance
+    persistent_grads, path = run_projected_backward(
+        emu, weights, x, h0, c0, persistent, False, grad_output, grad_hy, grad_cy
+    )
+    assert path == PERSISTENT
+    loop_grads, path = run_projected_backward(
+        emu, weights, x, h0, c0, persistent, False, grad_output, grad_hy, grad_cy, **limits
+    )
+    assert path == LOOP
+    for grads in (persistent_grads, loop_grads):
+        grads[0] = grads[0].view(steps, batch, input_size)
+        for name, actual, wanted in zip(PROJECTED_GRAD_NAMES, grads, expected_grads, strict=True):
+            error = relative_error(actual, wanted)
+            assert error <= PROJECTED_GRAD_TOLERANCE[dtype], f"grad of {name}: relative error {error:.2e}"

@@ -827,6 +827,12 @@ void launch_cell_gate_grads(
 // on chip, or whose grid cannot be co-resident, are refused (plan.fits false) and the op runs the
 // device-independent loop instead (csrc/cuda/op_layer.h, csrc/sequence.cpp). The recurrent product
 // runs on tensor cores for half/bfloat16 (float32 accumulation), on exact FFMA for float and double.
+//
+// With a projection (nn.LSTM's proj_size P > 0: h_t = W_hr (o * tanh(c_t)), h of width P) the
+// recurrent product reads the projected h [B, P] and the cell update writes u = o * tanh(c) into a
+// [B, H] scratch; one more grid barrier makes every unit's u visible, and each block then computes
+// its kSequenceUnits rows of h = u W_hr^T from W_hr's rows, resident like W_hh's (FFMA in both
+// kernels: the projection's product is the same code whichever primitive the recurrent one uses).
 
 #if !defined(LSTM_FUSED_CUDA_EMULATION)
 // cudaLaunchCooperativeKernel takes its arguments as an array of pointers to them.
@@ -852,6 +858,9 @@ struct SequenceShape {
   int64_t batch;
   int64_t hidden_size;
   bool reverse;
+  // The width of the recurrent state h: proj_size with a projection (h_t = W_hr (o * tanh(c_t))),
+  // else hidden_size. The K of the recurrent product.
+  int64_t output_size;
 };
 
 struct SequencePlan {
@@ -864,14 +873,15 @@ struct SequencePlan {
 // Tensor cores for half and bfloat16 (16x16x16 fragments), and for float32 as TF32 (16x16x8) only
 // where the user allows TF32: torch.backends.cuda.matmul.allow_tf32, which the op layer reads
 // through at::globalContext() as cuBLAS does. By default float32 stays on exact FFMA, as nn.LSTM's
-// own products do. The hidden size must be a multiple of 16 (K tiles, and 32-byte aligned rows of
-// the staged tiles). Double always takes FFMA.
+// own products do. The recurrent product's K (the state width: hidden_size, or proj_size with a
+// projection) must be a multiple of 16 (K tiles, and 32-byte aligned rows of the staged tiles).
+// Double always takes FFMA.
 constexpr int kMmaTile = 16;
 
 template <typename scalar_t>
-bool sequence_uses_tensor_cores(int64_t hidden_size, bool allow_tf32) {
+bool sequence_uses_tensor_cores(int64_t state_size, bool allow_tf32) {
   const bool has_fragments = sizeof(scalar_t) == 2 || (std::is_same_v<scalar_t, float> && allow_tf32);
-  return has_fragments && hidden_size % kMmaTile == 0;
+  return has_fragments && state_size % kMmaTile == 0;
 }
 
 // The K depth of one fragment product: 16 for half/bfloat16, 8 for TF32.
@@ -897,48 +907,102 @@ LSTM_FUSED_HOST_DEVICE MmaSplit mma_split(int64_t batch) {
   return m;
 }
 
+// A persistent forward block's shared memory, in this order: the recurrent product's regions
+// (FFMA: h_{t-1} [B][P] as the compute type, then the gate rows of W_hh [4][kSequenceUnits][P];
+// tensor cores: the warps' float partial tiles, h_{t-1} [padded rows][P] in the storage type, the
+// gate rows), rounded up to 16 bytes; then, with a projection, o * tanh(c) of every row and unit
+// [B][H] as the compute type and the block's rows of W_hr [kSequenceUnits][H]. The plan sizes the
+// launch and the kernels find their regions with the same functions.
+template <typename scalar_t>
+LSTM_FUSED_HOST_DEVICE size_t forward_recurrent_shared_bytes(int64_t batch, int64_t state_size, bool tensor_cores) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const size_t weight_bytes = static_cast<size_t>(4 * kSequenceUnits * state_size) * sizeof(scalar_t);
+  size_t bytes = static_cast<size_t>(batch * state_size) * sizeof(opmath_t) + weight_bytes;
+  if (tensor_cores) {
+    const MmaSplit split = mma_split(batch);
+    bytes = static_cast<size_t>(split.items) * kMmaTile * kMmaTile * sizeof(float) +
+        static_cast<size_t>(split.padded_rows * state_size) * sizeof(scalar_t) + weight_bytes;
+  }
+  return (bytes + 15) / 16 * 16;
+}
+
+template <typename scalar_t>
+LSTM_FUSED_HOST_DEVICE size_t forward_projection_shared_bytes(int64_t batch, int64_t hidden_size) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return static_cast<size_t>(batch * hidden_size) * sizeof(opmath_t) +
+      static_cast<size_t>(kSequenceUnits * hidden_size) * sizeof(scalar_t);
+}
+
 // max_shared_bytes: the device's opt-in limit per block; max_blocks: how many blocks of this
 // kernel at shared_bytes can be co-resident (occupancy x SMs), 0 when cooperative launches are
-// unsupported.
+// unsupported. projection_size: proj_size, 0 without a projection. Blocks own kSequenceUnits
+// hidden units each for the cell update and kSequenceUnits projection rows each for h = W_hr u,
+// so the grid covers the projection only where proj_size <= hidden_size (nn.LSTM requires less).
 template <typename scalar_t>
 SequencePlan plan_persistent_sequence(
-    int64_t batch, int64_t hidden_size, bool allow_tf32, size_t max_shared_bytes, int64_t max_blocks) {
-  using opmath_t = at::opmath_type<scalar_t>;
+    int64_t batch, int64_t hidden_size, int64_t projection_size, bool allow_tf32, size_t max_shared_bytes,
+    int64_t max_blocks) {
   SequencePlan plan;
+  const int64_t state_size = projection_size > 0 ? projection_size : hidden_size;
   plan.blocks = ceil_div(hidden_size, kSequenceUnits);
-  plan.tensor_cores = sequence_uses_tensor_cores<scalar_t>(hidden_size, allow_tf32);
-  const size_t weight_bytes = static_cast<size_t>(4 * kSequenceUnits * hidden_size) * sizeof(scalar_t);
-  if (plan.tensor_cores) {
-    // The warps' float partial tiles, h_{t-1} in the storage type padded to 16 rows, the weights.
-    const MmaSplit split = mma_split(batch);
-    plan.shared_bytes = static_cast<size_t>(split.items) * kMmaTile * kMmaTile * sizeof(float) +
-        static_cast<size_t>(split.padded_rows * hidden_size) * sizeof(scalar_t) + weight_bytes;
-  } else {
-    // h_{t-1} of every row as the compute type, then the block's 4 * kSequenceUnits rows of W_hh.
-    plan.shared_bytes = static_cast<size_t>(batch * hidden_size) * sizeof(opmath_t) + weight_bytes;
-  }
-  plan.fits = batch > 0 && hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
+  plan.tensor_cores = sequence_uses_tensor_cores<scalar_t>(state_size, allow_tf32);
+  plan.shared_bytes = forward_recurrent_shared_bytes<scalar_t>(batch, state_size, plan.tensor_cores) +
+      (projection_size > 0 ? forward_projection_shared_bytes<scalar_t>(batch, hidden_size) : 0);
+  plan.fits = batch > 0 && hidden_size > 0 && projection_size >= 0 && projection_size <= hidden_size &&
+      plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
   return plan;
 }
 
-// Once for all steps: a block's gate rows of W_hh, [4][kSequenceUnits][H] (row g * kSequenceUnits
-// + u is gate g of unit unit_base + u), zeros past the last unit. The first step's barrier orders
-// these writes before their reads.
+// Once for all steps: a block's gate rows of W_hh [4H, K], [4][kSequenceUnits][K] (row
+// g * kSequenceUnits + u is gate g of unit unit_base + u), zeros past the last unit. The first
+// step's barrier orders these writes before their reads.
 template <typename scalar_t>
 __device__ __forceinline__ void load_resident_gate_rows(
-    scalar_t* __restrict__ resident, const scalar_t* __restrict__ weight_hh, int64_t unit_base, int64_t H) {
-  const int64_t weight_elements = 4 * kSequenceUnits * H;
+    scalar_t* __restrict__ resident, const scalar_t* __restrict__ weight_hh, int64_t unit_base, int64_t H, int64_t K) {
+  const int64_t weight_elements = 4 * kSequenceUnits * K;
   for (int64_t index = threadIdx.x; index < weight_elements; index += blockDim.x) {
-    const int64_t row = index / H;
-    const int64_t k = index - row * H;
+    const int64_t row = index / K;
+    const int64_t k = index - row * K;
     const int64_t gate = row / kSequenceUnits;
     const int64_t row_unit = unit_base + row % kSequenceUnits;
-    resident[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * H + k] : scalar_t(0);
+    resident[index] = row_unit < H ? weight_hh[(gate * H + row_unit) * K + k] : scalar_t(0);
   }
 }
 
+// The projection's part of a persistent forward block: where o * tanh(c) of the step is staged,
+// and the block's rows of W_hr, resident across steps. Null pointers without a projection.
+template <typename scalar_t>
+struct SequenceProjection {
+  at::opmath_type<scalar_t>* staged_unprojected;  // [B][H]
+  scalar_t* resident_rows;                        // [kSequenceUnits][H]: rows row_base + r, zeros past P
+  int64_t row_base;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ SequenceProjection<scalar_t> load_sequence_projection(
+    unsigned char* shared, const SequenceShape& shape, bool tensor_cores, const scalar_t* __restrict__ weight_hr) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  SequenceProjection<scalar_t> projection{nullptr, nullptr, static_cast<int64_t>(blockIdx.x) * kSequenceUnits};
+  if (weight_hr == nullptr) {
+    return projection;
+  }
+  const int64_t B = shape.batch;
+  const int64_t H = shape.hidden_size;
+  const int64_t P = shape.output_size;
+  projection.staged_unprojected = reinterpret_cast<opmath_t*>(
+      shared + forward_recurrent_shared_bytes<scalar_t>(B, P, tensor_cores));
+  projection.resident_rows = reinterpret_cast<scalar_t*>(projection.staged_unprojected + B * H);
+  for (int64_t index = threadIdx.x; index < kSequenceUnits * H; index += blockDim.x) {
+    const int64_t r = index / H;
+    const int64_t k = index - r * H;
+    const int64_t p = projection.row_base + r;
+    projection.resident_rows[index] = p < P ? weight_hr[p * H + k] : scalar_t(0);
+  }
+  return projection;
+}
+
 // Visit s of the forward: the step t it computes, and the state it starts from (hx, cx at the
-// first visit, else the previous visit's rows of output and cell_states).
+// first visit, else the previous visit's rows of output [T, B, P] and cell_states [T, B, H]).
 template <typename scalar_t>
 struct SequenceVisit {
   int64_t t;
@@ -952,12 +1016,14 @@ __device__ __forceinline__ SequenceVisit<scalar_t> sequence_visit(
     const scalar_t* cell_states) {
   const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
   const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
-  const int64_t state_elements = shape.batch * shape.hidden_size;
-  return {t, s == 0 ? hx : output + t_prev * state_elements, s == 0 ? cx : cell_states + t_prev * state_elements};
+  return {t, s == 0 ? hx : output + t_prev * shape.batch * shape.output_size,
+          s == 0 ? cx : cell_states + t_prev * shape.batch * shape.hidden_size};
 }
 
-// The cell update of one (row, unit) at visit s from its four pre-activations, and its writes: h
-// and c into the step's rows, the activated gates (when wanted), and h_n, c_n at the last visit.
+// The cell update of one (row, unit) at visit s from its four pre-activations, and its writes: c
+// into the step's rows, the activated gates (when wanted), c_n at the last visit, and o * tanh(c):
+// as the step's h (and h_n at the last visit) without a projection, into `unprojected` [B, H]
+// with one (project_sequence_step then writes h).
 template <typename scalar_t, typename opmath_t>
 __device__ __forceinline__ void finish_sequence_unit(
     const opmath_t (&preactivation)[4],
@@ -970,7 +1036,8 @@ __device__ __forceinline__ void finish_sequence_unit(
     scalar_t* cell_states,
     scalar_t* __restrict__ gates,
     scalar_t* __restrict__ hy,
-    scalar_t* __restrict__ cy) {
+    scalar_t* __restrict__ cy,
+    scalar_t* unprojected) {
   const int64_t B = shape.batch;
   const int64_t H = shape.hidden_size;
   const int64_t state_offset = row * H + unit;
@@ -979,7 +1046,11 @@ __device__ __forceinline__ void finish_sequence_unit(
       static_cast<opmath_t>(visit.c_prev[state_offset]));
   const scalar_t h_new = static_cast<scalar_t>(step.hidden_state);
   const scalar_t c_new = static_cast<scalar_t>(step.cell_state);
-  output[visit.t * B * H + state_offset] = h_new;
+  if (unprojected != nullptr) {
+    unprojected[state_offset] = h_new;
+  } else {
+    output[visit.t * B * H + state_offset] = h_new;
+  }
   cell_states[visit.t * B * H + state_offset] = c_new;
   if (gates != nullptr) {
     scalar_t* gate_row = gates + (visit.t * B + row) * 4 * H + unit;
@@ -989,43 +1060,137 @@ __device__ __forceinline__ void finish_sequence_unit(
     gate_row[3 * H] = static_cast<scalar_t>(step.gates.output);
   }
   if (s == shape.steps - 1) {
-    hy[state_offset] = h_new;
+    if (unprojected == nullptr) {
+      hy[state_offset] = h_new;
+    }
     cy[state_offset] = c_new;
   }
 }
 
-// `output` and `cell_states` are written by every block and read by every block at the next step:
-// no __restrict__ and no const on them, so the compiler never routes their reads through the
-// non-coherent read-only cache, which would miss another block's writes.
+// The projection of visit s, after the grid barrier that follows the cell update: h_t[b, p] =
+// sum_k u[b, k] W_hr[p, k] for the block's projection rows p (one warp each; lanes split k, a
+// butterfly adds them), from u = o * tanh(c) of every unit, which every block wrote. Writes the
+// step's rows of output [T, B, P] and, at the last visit, h_n.
+template <typename scalar_t>
+__device__ __forceinline__ void project_sequence_step(
+    const SequenceProjection<scalar_t>& projection,
+    const scalar_t* unprojected,
+    const SequenceShape& shape,
+    int64_t s,
+    int64_t t,
+    scalar_t* output,
+    scalar_t* __restrict__ hy) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t B = shape.batch;
+  const int64_t H = shape.hidden_size;
+  const int64_t P = shape.output_size;
+  opmath_t* staged = projection.staged_unprojected;
+  for (int64_t index = threadIdx.x; index < B * H; index += blockDim.x) {
+    staged[index] = static_cast<opmath_t>(unprojected[index]);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t p = projection.row_base + warp;
+  if (p >= P) {
+    return;
+  }
+  const scalar_t* weight_row = projection.resident_rows + warp * H;
+  for (int64_t row_begin = 0; row_begin < B; row_begin += kSequenceRowTile) {
+    opmath_t sums[kSequenceRowTile];
+#pragma unroll
+    for (int r = 0; r < kSequenceRowTile; ++r) {
+      sums[r] = opmath_t(0);
+    }
+    for (int64_t k = lane; k < H; k += kWarpSize) {
+      const opmath_t w = static_cast<opmath_t>(weight_row[k]);
+#pragma unroll
+      for (int r = 0; r < kSequenceRowTile; ++r) {
+        // Rows past the batch read row 0 (any valid row): their sums are never stored.
+        const int64_t row = row_begin + r < B ? row_begin + r : 0;
+        sums[r] += w * staged[row * H + k];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kSequenceRowTile; ++r) {
+#pragma unroll
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+        sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kSequenceRowTile; ++r) {
+      const int64_t row = row_begin + r;
+      if (lane == r && row < B) {
+        const scalar_t h_new = static_cast<scalar_t>(sums[r]);
+        output[(t * B + row) * P + p] = h_new;
+        if (s == shape.steps - 1) {
+          hy[row * P + p] = h_new;
+        }
+      }
+    }
+  }
+}
+
+// The end of a forward visit, in either kernel: with a projection, the grid barrier that makes
+// every unit's o * tanh(c) visible, then h = W_hr u; then the step's barrier, which publishes h and
+// c to the other blocks and keeps this block from restaging its shared memory while one of its
+// warps may still read it.
+template <typename scalar_t>
+__device__ __forceinline__ void finish_sequence_visit(
+    const SequenceProjection<scalar_t>& projection,
+    const scalar_t* unprojected,
+    const SequenceShape& shape,
+    int64_t s,
+    int64_t t,
+    scalar_t* output,
+    scalar_t* __restrict__ hy) {
+  if (unprojected != nullptr) {
+    __threadfence();
+    cooperative_groups::this_grid().sync();
+    project_sequence_step(projection, unprojected, shape, s, t, output, hy);
+  }
+  __threadfence();
+  cooperative_groups::this_grid().sync();
+}
+
+// `output`, `cell_states` and `unprojected` are written by every block and read by every block
+// after a grid barrier: no __restrict__ and no const on them, so the compiler never routes their
+// reads through the non-coherent read-only cache, which would miss another block's writes.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_kernel(
     const scalar_t* __restrict__ projected,  // [T, B, 4H]: x W_ih^T + bias_ih + bias_hh, per step
-    const scalar_t* __restrict__ weight_hh,  // [4H, H]
-    const scalar_t* __restrict__ hx,         // [B, H]
+    const scalar_t* __restrict__ weight_hh,  // [4H, P]
+    const scalar_t* __restrict__ hx,         // [B, P]
     const scalar_t* __restrict__ cx,         // [B, H]
-    scalar_t* output,                        // [T, B, H]: h of every step
+    scalar_t* output,                        // [T, B, P]: h of every step
     scalar_t* cell_states,                   // [T, B, H]: c of every step
     scalar_t* __restrict__ gates,            // [T, B, 4H], activated i, f, g, o; null when not wanted
-    scalar_t* __restrict__ hy,               // [B, H]: h after the last step visited
+    scalar_t* __restrict__ hy,               // [B, P]: h after the last step visited
     scalar_t* __restrict__ cy,               // [B, H]
+    const scalar_t* __restrict__ weight_hr,  // [P, H], or null without a projection (then P = H)
+    scalar_t* unprojected,                   // [B, H]: o * tanh(c) of the step; null without a projection
     const SequenceShape shape) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = shape.batch;
   const int64_t H = shape.hidden_size;
-  LSTM_FUSED_DYNAMIC_SHARED(opmath_t, staged_h);  // [B, H]
-  scalar_t* resident_weight = reinterpret_cast<scalar_t*>(staged_h + B * H);  // [4][kSequenceUnits][H]
+  const int64_t P = shape.output_size;
+  LSTM_FUSED_DYNAMIC_SHARED(opmath_t, staged_h);  // [B, P]
+  scalar_t* resident_weight = reinterpret_cast<scalar_t*>(staged_h + B * P);  // [4][kSequenceUnits][P]
 
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
   const int64_t unit = unit_base + warp;
-  load_resident_gate_rows(resident_weight, weight_hh, unit_base, H);
+  load_resident_gate_rows(resident_weight, weight_hh, unit_base, H, P);
+  const SequenceProjection<scalar_t> projection =
+      load_sequence_projection(reinterpret_cast<unsigned char*>(staged_h), shape, false, weight_hr);
 
   for (int64_t s = 0; s < shape.steps; ++s) {
     const SequenceVisit<scalar_t> visit = sequence_visit(shape, s, hx, cx, output, cell_states);
     // The previous step's grid barrier has ordered every block's h writes before these reads, and
     // every warp of this block has finished reading the previous staged_h.
-    for (int64_t index = threadIdx.x; index < B * H; index += blockDim.x) {
+    for (int64_t index = threadIdx.x; index < B * P; index += blockDim.x) {
       staged_h[index] = static_cast<opmath_t>(visit.h_prev[index]);
     }
     __syncthreads();
@@ -1039,17 +1204,17 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
             accumulators[gate][r] = opmath_t(0);
           }
         }
-        for (int64_t k = lane; k < H; k += kWarpSize) {
+        for (int64_t k = lane; k < P; k += kWarpSize) {
           opmath_t w[4];
 #pragma unroll
           for (int gate = 0; gate < 4; ++gate) {
-            w[gate] = static_cast<opmath_t>(resident_weight[(gate * kSequenceUnits + warp) * H + k]);
+            w[gate] = static_cast<opmath_t>(resident_weight[(gate * kSequenceUnits + warp) * P + k]);
           }
 #pragma unroll
           for (int r = 0; r < kSequenceRowTile; ++r) {
             // Rows past the batch read row 0 (any valid row): their sums are never stored.
             const int64_t row = row_begin + r < B ? row_begin + r : 0;
-            const opmath_t h = staged_h[row * H + k];
+            const opmath_t h = staged_h[row * P + k];
 #pragma unroll
             for (int gate = 0; gate < 4; ++gate) {
               accumulators[gate][r] += w[gate] * h;
@@ -1077,15 +1242,13 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
             for (int gate = 0; gate < 4; ++gate) {
               preactivation[gate] = accumulators[gate][r] + static_cast<opmath_t>(projected_row[gate * H]);
             }
-            finish_sequence_unit(preactivation, shape, visit, s, row, unit, output, cell_states, gates, hy, cy);
+            finish_sequence_unit(
+                preactivation, shape, visit, s, row, unit, output, cell_states, gates, hy, cy, unprojected);
           }
         }
       }
     }
-    // Publish this step's h and c to the other blocks, and keep this block from restaging
-    // staged_h while one of its warps may still read it.
-    __threadfence();
-    cooperative_groups::this_grid().sync();
+    finish_sequence_visit(projection, unprojected, shape, s, visit.t, output, hy);
   }
 }
 
@@ -1133,10 +1296,10 @@ __device__ __forceinline__ void round_for_mma(Fragment& fragment) {
 }
 
 // The persistent forward with the recurrent product on tensor cores (half and bfloat16, or float32
-// as TF32 where allowed; float32 accumulation): per step, the block's product h_{t-1} [rows, H] x
-// W_slice^T [H, 32] as 16x16xK fragments (mma_split, K = kMmaDepth), the partial tiles through
-// shared memory, and the same epilogue and grid barrier as the SIMT kernel. Same parameters as
-// sequence_forward_persistent_kernel.
+// as TF32 where allowed; float32 accumulation): per step, the block's product h_{t-1} [rows, P] x
+// W_slice^T [P, 32] as 16x16xK fragments (mma_split, K = kMmaDepth), the partial tiles through
+// shared memory, and the same epilogue, projection and grid barriers as the SIMT kernel. Same
+// parameters as sequence_forward_persistent_kernel.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_mma_kernel(
     const scalar_t* __restrict__ projected,
@@ -1148,6 +1311,8 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
     scalar_t* __restrict__ gates,
     scalar_t* __restrict__ hy,
     scalar_t* __restrict__ cy,
+    const scalar_t* __restrict__ weight_hr,
+    scalar_t* unprojected,
     const SequenceShape shape) {
   namespace wmma = nvcuda::wmma;
   using element_t = MmaElement<scalar_t>;
@@ -1156,20 +1321,23 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
   constexpr int kTileElements = kMmaTile * kMmaTile;
   const int64_t B = shape.batch;
   const int64_t H = shape.hidden_size;
+  const int64_t P = shape.output_size;
   const MmaSplit split = mma_split(B);
   LSTM_FUSED_DYNAMIC_SHARED(float, partial);                                            // [items][16][16]
-  scalar_t* staged_h = reinterpret_cast<scalar_t*>(partial + split.items * kTileElements);  // [padded_rows][H]
-  scalar_t* resident_weight = staged_h + split.padded_rows * H;                          // [32][H]: row g * 8 + u
+  scalar_t* staged_h = reinterpret_cast<scalar_t*>(partial + split.items * kTileElements);  // [padded_rows][P]
+  scalar_t* resident_weight = staged_h + split.padded_rows * P;                          // [32][P]: row g * 8 + u
 
   const int warp = threadIdx.x / kWarpSize;
   const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
-  load_resident_gate_rows(resident_weight, weight_hh, unit_base, H);
+  load_resident_gate_rows(resident_weight, weight_hh, unit_base, H, P);
+  const SequenceProjection<scalar_t> projection =
+      load_sequence_projection(reinterpret_cast<unsigned char*>(partial), shape, true, weight_hr);
 
   for (int64_t s = 0; s < shape.steps; ++s) {
     const SequenceVisit<scalar_t> visit = sequence_visit(shape, s, hx, cx, output, cell_states);
     // Rows past the batch are zeros: their products are computed and never read.
-    for (int64_t index = threadIdx.x; index < split.padded_rows * H; index += blockDim.x) {
-      staged_h[index] = index < B * H ? visit.h_prev[index] : scalar_t(0);
+    for (int64_t index = threadIdx.x; index < split.padded_rows * P; index += blockDim.x) {
+      staged_h[index] = index < B * P ? visit.h_prev[index] : scalar_t(0);
     }
     __syncthreads();
     // Uniform per warp: every lane of a warp takes the same items, as the fragments require.
@@ -1180,11 +1348,11 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
       const int64_t column_tile = tile % 2;
       wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kDepth, float> accumulator;
       wmma::fill_fragment(accumulator, 0.0f);
-      for (int64_t k0 = static_cast<int64_t>(part) * kDepth; k0 < H; k0 += static_cast<int64_t>(split.splits) * kDepth) {
+      for (int64_t k0 = static_cast<int64_t>(part) * kDepth; k0 < P; k0 += static_cast<int64_t>(split.splits) * kDepth) {
         wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kDepth, element_t, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kDepth, element_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const source_t*>(staged_h + row_tile * kMmaTile * H + k0), H);
-        wmma::load_matrix_sync(b, reinterpret_cast<const source_t*>(resident_weight + column_tile * kMmaTile * H + k0), H);
+        wmma::load_matrix_sync(a, reinterpret_cast<const source_t*>(staged_h + row_tile * kMmaTile * P + k0), P);
+        wmma::load_matrix_sync(b, reinterpret_cast<const source_t*>(resident_weight + column_tile * kMmaTile * P + k0), P);
         round_for_mma<scalar_t>(a);
         round_for_mma<scalar_t>(b);
         wmma::mma_sync(accumulator, a, b, accumulator);
@@ -1213,17 +1381,16 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_forward_persistent_
         }
         preactivation[gate] = sum;
       }
-      finish_sequence_unit(preactivation, shape, visit, s, row, unit, output, cell_states, gates, hy, cy);
+      finish_sequence_unit(preactivation, shape, visit, s, row, unit, output, cell_states, gates, hy, cy, unprojected);
     }
-    __threadfence();
-    cooperative_groups::this_grid().sync();
+    finish_sequence_visit(projection, unprojected, shape, s, visit.t, output, hy);
   }
 }
 
 template <typename scalar_t>
 using SequenceForwardKernel = void (*)(
     const scalar_t*, const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t*,
-    scalar_t*, SequenceShape);
+    scalar_t*, const scalar_t*, scalar_t*, SequenceShape);
 
 // The forward kernel a plan launches (and whose occupancy the caller checks).
 template <typename scalar_t>
@@ -1247,6 +1414,8 @@ struct SequencePointers {
   scalar_t* gates;  // null when not wanted
   scalar_t* hy;
   scalar_t* cy;
+  const scalar_t* weight_hr;  // null without a projection
+  scalar_t* unprojected;      // [B, H] scratch with a projection, else null
 };
 
 // Launches the persistent forward when plan.fits; the caller checked that and falls back otherwise.
@@ -1256,7 +1425,8 @@ void launch_persistent_sequence(
   const SequenceForwardKernel<scalar_t> kernel = persistent_forward_kernel<scalar_t>(plan.tensor_cores);
   LSTM_FUSED_LAUNCH_COOPERATIVE(
       kernel, dim3(static_cast<unsigned int>(plan.blocks)), dim3(kSequenceThreads), plan.shared_bytes, stream,
-      p.projected, p.weight_hh, p.hx, p.cx, p.output, p.cell_states, p.gates, p.hy, p.cy, shape);
+      p.projected, p.weight_hh, p.hx, p.cx, p.output, p.cell_states, p.gates, p.hy, p.cy, p.weight_hr, p.unprojected,
+      shape);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1264,54 +1434,112 @@ void launch_persistent_sequence(
 // ------------------------------------------------------------------------------------------------
 //
 // Visits the steps in the reverse of the forward's order. At each step a block computes, for its
-// units u and every row b, the gradient reaching h_t: grad_output[t] (+ grad_hy at the forward's
-// last step) + sum over the 4H gate rows j of dG_{next}[b, j] W_hh[j, u], where dG_{next} holds the
-// gate pre-activation gradients of the step visited just before (the forward's next step); then
-// the cell's backward (lstm_cell_math.h) gives dG_t and the gradient reaching c_{t-1}. Each block
-// keeps the columns W_hh[:, u] of its units resident in shared memory; dG_{next} is read from
-// global memory (every block needs all of it, and at [B, 4H] it is too large to stage), hence a
-// grid barrier per step. The products that need no recurrence (grad_input, the weight and bias
-// gradients, grad_hx = dG_first W_hh) are GEMMs for the caller, after the launch.
+// state columns p and every row b, the gradient reaching h_t: grad_output[t] (+ grad_hy at the
+// forward's last step) + sum over the 4H gate rows j of dG_{next}[b, j] W_hh[j, p], where dG_{next}
+// holds the gate pre-activation gradients of the step visited just before (the forward's next
+// step). Without a projection p is the block's hidden unit u and the cell's backward
+// (lstm_cell_math.h) follows at once, giving dG_t and the gradient reaching c_{t-1}. With one
+// (h = W_hr u), the gradients reaching h_t go to grad_hidden [T, B, P], a grid barrier makes them
+// visible, and each unit's grad_u[b, u] = sum_p grad_h[b, p] W_hr[p, u] feeds the cell's backward.
+// Each block keeps the columns W_hh[:, p] of its state columns (and W_hr[:, u] of its units)
+// resident in shared memory; dG_{next} is read from global memory (every block needs all of it,
+// and at [B, 4H] it is too large to stage), hence a grid barrier per step. The products that need
+// no recurrence (grad_input, the weight and bias gradients, grad_hx = dG_first W_hh, grad_W_hr =
+// grad_hidden^T u) are library GEMMs for the caller, after the launch.
 
+// projection_size: proj_size, 0 without a projection (as plan_persistent_sequence).
 template <typename scalar_t>
-SequencePlan plan_persistent_sequence_backward(int64_t hidden_size, size_t max_shared_bytes, int64_t max_blocks) {
+SequencePlan plan_persistent_sequence_backward(
+    int64_t hidden_size, int64_t projection_size, size_t max_shared_bytes, int64_t max_blocks) {
   SequencePlan plan;
+  const int64_t state_size = projection_size > 0 ? projection_size : hidden_size;
   plan.blocks = ceil_div(hidden_size, kSequenceUnits);
-  plan.shared_bytes = static_cast<size_t>(4 * hidden_size * kSequenceUnits) * sizeof(scalar_t);
+  plan.shared_bytes = static_cast<size_t>(4 * hidden_size * kSequenceUnits) * sizeof(scalar_t) +
+      (projection_size > 0 ? static_cast<size_t>(state_size * kSequenceUnits) * sizeof(scalar_t) : 0);
   plan.tensor_cores = false;
-  plan.fits = hidden_size > 0 && plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
+  plan.fits = hidden_size > 0 && projection_size >= 0 && projection_size <= hidden_size &&
+      plan.shared_bytes <= max_shared_bytes && plan.blocks <= max_blocks;
   return plan;
 }
 
-// grad_preactivation and grad_cell_carry are written by one block and read by all (the former) or
-// by the same thread at the next step (the latter): no __restrict__ or const on them, so their
-// reads never go through the non-coherent read-only cache.
+// sum over j < K of source[row, j] * resident[j * kSequenceUnits + warp] for rows row_begin + r,
+// lanes splitting j and a butterfly adding them (every lane holds every sum); zeros for a null
+// source. Rows past the batch read row 0 (any valid row): their sums are never used.
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ void warp_column_sums(
+    opmath_t (&sums)[kSequenceRowTile],
+    const scalar_t* source,
+    int64_t K,
+    const scalar_t* resident,
+    int64_t B,
+    int64_t row_begin,
+    int warp,
+    int lane) {
+#pragma unroll
+  for (int r = 0; r < kSequenceRowTile; ++r) {
+    sums[r] = opmath_t(0);
+  }
+  if (source != nullptr) {
+    for (int64_t j = lane; j < K; j += kWarpSize) {
+      const opmath_t w = static_cast<opmath_t>(resident[j * kSequenceUnits + warp]);
+#pragma unroll
+      for (int r = 0; r < kSequenceRowTile; ++r) {
+        const int64_t row = row_begin + r < B ? row_begin + r : 0;
+        sums[r] += static_cast<opmath_t>(source[row * K + j]) * w;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kSequenceRowTile; ++r) {
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      sums[r] += __shfl_xor_sync(0xffffffffu, sums[r], offset);
+    }
+  }
+}
+
+// grad_preactivation, grad_cell_carry and grad_hidden are written by one block and read by all
+// (the first and the last) or by the same thread at the next step (grad_cell_carry): no
+// __restrict__ or const on them, so their reads never go through the non-coherent read-only cache.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kSequenceThreads) sequence_backward_persistent_kernel(
-    const scalar_t* __restrict__ grad_output,  // [T, B, H] or null
-    const scalar_t* __restrict__ grad_hy,      // [B, H] or null
+    const scalar_t* __restrict__ grad_output,  // [T, B, P] or null
+    const scalar_t* __restrict__ grad_hy,      // [B, P] or null
     const scalar_t* __restrict__ grad_cy,      // [B, H] or null
-    const scalar_t* __restrict__ weight_hh,    // [4H, H]
+    const scalar_t* __restrict__ weight_hh,    // [4H, P]
     const scalar_t* __restrict__ cx,           // [B, H]: c before the forward's first step
     const scalar_t* __restrict__ cell_states,  // [T, B, H]
     const scalar_t* __restrict__ gates,        // [T, B, 4H], activated
     scalar_t* grad_preactivation,              // [T, B, 4H] out
     scalar_t* grad_cell_carry,                 // [B, H]: out, the gradient reaching c_0 at the end
+    const scalar_t* __restrict__ weight_hr,    // [P, H], or null without a projection (then P = H)
+    scalar_t* grad_hidden,                     // [T, B, P] out with a projection: the gradient reaching h_t
     const SequenceShape shape) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = shape.batch;
   const int64_t H = shape.hidden_size;
-  LSTM_FUSED_DYNAMIC_SHARED(scalar_t, resident_columns);  // [4H][kSequenceUnits]: W_hh[j, unit_base + u]
+  const int64_t P = shape.output_size;
+  LSTM_FUSED_DYNAMIC_SHARED(scalar_t, resident_columns);  // [4H][kSequenceUnits]: W_hh[j, column_base + u]
+  scalar_t* resident_projection = resident_columns + 4 * H * kSequenceUnits;  // [P][kSequenceUnits]: W_hr[p, unit]
 
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
+  // The block's hidden units, and (the same indices) its columns of the state h.
   const int64_t unit_base = static_cast<int64_t>(blockIdx.x) * kSequenceUnits;
   const int64_t unit = unit_base + warp;
+  const int64_t column = unit;
 
   for (int64_t index = threadIdx.x; index < 4 * H * kSequenceUnits; index += blockDim.x) {
     const int64_t j = index / kSequenceUnits;
-    const int64_t column_unit = unit_base + index % kSequenceUnits;
-    resident_columns[index] = column_unit < H ? weight_hh[j * H + column_unit] : scalar_t(0);
+    const int64_t index_column = unit_base + index % kSequenceUnits;
+    resident_columns[index] = index_column < P ? weight_hh[j * P + index_column] : scalar_t(0);
+  }
+  if (weight_hr != nullptr) {
+    for (int64_t index = threadIdx.x; index < P * kSequenceUnits; index += blockDim.x) {
+      const int64_t p = index / kSequenceUnits;
+      const int64_t column_unit = unit_base + index % kSequenceUnits;
+      resident_projection[index] = column_unit < H ? weight_hr[p * H + column_unit] : scalar_t(0);
+    }
   }
   __syncthreads();
 
@@ -1321,65 +1549,75 @@ __global__ void __launch_bounds__(kSequenceThreads) sequence_backward_persistent
     const int64_t t_prev = shape.reverse ? t + 1 : t - 1;     // visited by the forward before t
     const bool forward_last = s == shape.steps - 1;
     const scalar_t* grad_next = forward_last ? nullptr : grad_preactivation + t_next * B * 4 * H;
-    if (unit < H) {
+
+    // The cell's backward of (row, unit) at step t, from the gradient reaching o * tanh(c_t).
+    const auto unit_backward = [&](int64_t row, opmath_t grad_h) {
+      const int64_t state_offset = row * H + unit;
+      opmath_t grad_c = opmath_t(0);
+      if (forward_last) {
+        if (grad_cy != nullptr) {
+          grad_c = static_cast<opmath_t>(grad_cy[state_offset]);
+        }
+      } else {
+        grad_c = static_cast<opmath_t>(grad_cell_carry[state_offset]);
+      }
+      const scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
+      const math::Gates<opmath_t> activated{
+          static_cast<opmath_t>(gate_row[0]), static_cast<opmath_t>(gate_row[H]),
+          static_cast<opmath_t>(gate_row[2 * H]), static_cast<opmath_t>(gate_row[3 * H])};
+      const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
+      const auto grads = math::cell_backward(
+          activated, static_cast<opmath_t>(c_prev[state_offset]),
+          static_cast<opmath_t>(cell_states[t * B * H + state_offset]), grad_h, grad_c,
+          math::Gates<opmath_t>{opmath_t(0), opmath_t(0), opmath_t(0), opmath_t(0)});
+      scalar_t* out_row = grad_preactivation + (t * B + row) * 4 * H + unit;
+      out_row[0] = static_cast<scalar_t>(grads.grad_preactivation.input);
+      out_row[H] = static_cast<scalar_t>(grads.grad_preactivation.forget);
+      out_row[2 * H] = static_cast<scalar_t>(grads.grad_preactivation.cell);
+      out_row[3 * H] = static_cast<scalar_t>(grads.grad_preactivation.output);
+      grad_cell_carry[state_offset] = static_cast<scalar_t>(grads.grad_cell_state_prev);
+    };
+
+    // The gradient reaching h_t[row, column]: through the recurrence, from output and from h_n.
+    if (column < P) {
       for (int64_t row_begin = 0; row_begin < B; row_begin += kSequenceRowTile) {
         opmath_t recurrent[kSequenceRowTile];
-#pragma unroll
-        for (int r = 0; r < kSequenceRowTile; ++r) {
-          recurrent[r] = opmath_t(0);
-        }
-        if (grad_next != nullptr) {
-          for (int64_t j = lane; j < 4 * H; j += kWarpSize) {
-            const opmath_t w = static_cast<opmath_t>(resident_columns[j * kSequenceUnits + warp]);
-#pragma unroll
-            for (int r = 0; r < kSequenceRowTile; ++r) {
-              const int64_t row = row_begin + r < B ? row_begin + r : 0;
-              recurrent[r] += static_cast<opmath_t>(grad_next[row * 4 * H + j]) * w;
-            }
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kSequenceRowTile; ++r) {
-#pragma unroll
-          for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-            recurrent[r] += __shfl_xor_sync(0xffffffffu, recurrent[r], offset);
-          }
-        }
+        warp_column_sums(recurrent, grad_next, 4 * H, resident_columns, B, row_begin, warp, lane);
 #pragma unroll
         for (int r = 0; r < kSequenceRowTile; ++r) {
           const int64_t row = row_begin + r;
           if (lane == r && row < B) {
-            const int64_t state_offset = row * H + unit;
+            const int64_t state_offset = row * P + column;
             opmath_t grad_h = recurrent[r];
             if (grad_output != nullptr) {
-              grad_h += static_cast<opmath_t>(grad_output[t * B * H + state_offset]);
+              grad_h += static_cast<opmath_t>(grad_output[t * B * P + state_offset]);
             }
-            opmath_t grad_c = opmath_t(0);
-            if (forward_last) {
-              if (grad_hy != nullptr) {
-                grad_h += static_cast<opmath_t>(grad_hy[state_offset]);
-              }
-              if (grad_cy != nullptr) {
-                grad_c = static_cast<opmath_t>(grad_cy[state_offset]);
-              }
+            if (forward_last && grad_hy != nullptr) {
+              grad_h += static_cast<opmath_t>(grad_hy[state_offset]);
+            }
+            if (weight_hr != nullptr) {
+              grad_hidden[t * B * P + state_offset] = static_cast<scalar_t>(grad_h);
             } else {
-              grad_c = static_cast<opmath_t>(grad_cell_carry[state_offset]);
+              unit_backward(row, grad_h);
             }
-            const scalar_t* gate_row = gates + (t * B + row) * 4 * H + unit;
-            const math::Gates<opmath_t> activated{
-                static_cast<opmath_t>(gate_row[0]), static_cast<opmath_t>(gate_row[H]),
-                static_cast<opmath_t>(gate_row[2 * H]), static_cast<opmath_t>(gate_row[3 * H])};
-            const scalar_t* c_prev = s == 0 ? cx : cell_states + t_prev * B * H;
-            const auto grads = math::cell_backward(
-                activated, static_cast<opmath_t>(c_prev[state_offset]),
-                static_cast<opmath_t>(cell_states[t * B * H + state_offset]), grad_h, grad_c,
-                math::Gates<opmath_t>{opmath_t(0), opmath_t(0), opmath_t(0), opmath_t(0)});
-            scalar_t* out_row = grad_preactivation + (t * B + row) * 4 * H + unit;
-            out_row[0] = static_cast<scalar_t>(grads.grad_preactivation.input);
-            out_row[H] = static_cast<scalar_t>(grads.grad_preactivation.forget);
-            out_row[2 * H] = static_cast<scalar_t>(grads.grad_preactivation.cell);
-            out_row[3 * H] = static_cast<scalar_t>(grads.grad_preactivation.output);
-            grad_cell_carry[state_offset] = static_cast<scalar_t>(grads.grad_cell_state_prev);
+          }
+        }
+      }
+    }
+    if (weight_hr != nullptr) {
+      // Every column of grad_h_t written before any unit reads it back through W_hr.
+      __threadfence();
+      cooperative_groups::this_grid().sync();
+      if (unit < H) {
+        for (int64_t row_begin = 0; row_begin < B; row_begin += kSequenceRowTile) {
+          opmath_t grad_unprojected[kSequenceRowTile];
+          warp_column_sums(grad_unprojected, grad_hidden + t * B * P, P, resident_projection, B, row_begin, warp, lane);
+#pragma unroll
+          for (int r = 0; r < kSequenceRowTile; ++r) {
+            const int64_t row = row_begin + r;
+            if (lane == r && row < B) {
+              unit_backward(row, grad_unprojected[r]);
+            }
           }
         }
       }
@@ -1401,6 +1639,8 @@ struct SequenceBackwardPointers {
   const scalar_t* gates;
   scalar_t* grad_preactivation;
   scalar_t* grad_cell_carry;
+  const scalar_t* weight_hr;  // null without a projection
+  scalar_t* grad_hidden;      // [T, B, P] with a projection, else null
 };
 
 template <typename scalar_t>
@@ -1411,7 +1651,7 @@ void launch_persistent_sequence_backward(
   LSTM_FUSED_LAUNCH_COOPERATIVE(
       kernel, dim3(static_cast<unsigned int>(plan.blocks)), dim3(kSequenceThreads), plan.shared_bytes, stream,
       p.grad_output, p.grad_hy, p.grad_cy, p.weight_hh, p.cx, p.cell_states, p.gates, p.grad_preactivation,
-      p.grad_cell_carry, shape);
+      p.grad_cell_carry, p.weight_hr, p.grad_hidden, shape);
 }
 
 }  // namespace cuda

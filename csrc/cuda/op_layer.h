@@ -102,7 +102,10 @@ inline at::Tensor project_inputs(
 // sequence_forward over a padded batch in one cooperative launch, or nullopt where the shape, dtype
 // or device does not allow it (the caller then runs the loop). The outputs are the loop's, in its
 // layout ([T * B, ...] rows of a padded batch are [T, B, ...]): output, hy, cy, cell_states and the
-// activated gates, so sequence_backward (either path) reads what it expects. The gates are written
+// activated gates, so sequence_backward (either path) reads what it expects. With a weight_hr
+// (proj_size P > 0) output and hy are the projected states [.., P], and the kernel projects each
+// step in place (one more grid barrier per step; W_hr's rows resident in shared memory, counted in
+// the plan's shared bytes and so in the occupancy check). The gates are written
 // under no_grad too, for the reason lstm_cell.cu's cell_forward gives: the schema returns them (lf.LSTM's
 // return_states reads them) and the op cannot see whether anyone will; the kernels take a null
 // gates pointer for the day the schema lets the caller say so.
@@ -120,40 +123,49 @@ std::optional<ForwardOutputs> persistent_sequence_forward(
     const std::optional<at::Tensor>& bias_hh,
     bool reverse,
     bool allow_tf32,
+    const std::optional<at::Tensor>& weight_hr,
     SequencePath* path) {
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   const int64_t batch = hx.size(0);
-  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t hidden_size = weight_hh.size(0) / 4;
+  const int64_t output_size = weight_hh.size(1);  // proj_size with a projection, else hidden_size
+  const int64_t projection_size = weight_hr.has_value() ? output_size : 0;
   *path = SequencePath::kLoop;
   if (steps == 0 || batch == 0 || hidden_size == 0 || !every_step_full(batch_sizes, batch)) {
     return std::nullopt;
   }
   std::optional<ForwardOutputs> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_sequence_persistent", [&] {
-    const SequencePlan wanted = plan_persistent_sequence<scalar_t>(batch, hidden_size, allow_tf32, SIZE_MAX, INT64_MAX);
+    const SequencePlan wanted =
+        plan_persistent_sequence<scalar_t>(batch, hidden_size, projection_size, allow_tf32, SIZE_MAX, INT64_MAX);
     const CooperativeLimits limits = device.template forward_limits<scalar_t>(wanted);
-    const SequencePlan plan =
-        plan_persistent_sequence<scalar_t>(batch, hidden_size, allow_tf32, limits.max_shared_bytes, limits.max_blocks);
+    const SequencePlan plan = plan_persistent_sequence<scalar_t>(
+        batch, hidden_size, projection_size, allow_tf32, limits.max_shared_bytes, limits.max_blocks);
     if (!plan.fits) {
       return;
     }
     const auto options = input.options();
     const int64_t rows = steps * batch;
     const at::Tensor projected = project_inputs(input, weight_ih, bias_ih, bias_hh);
-    at::Tensor output = device.new_output({rows, hidden_size}, options);
+    at::Tensor output = device.new_output({rows, output_size}, options);
     at::Tensor cell_states = device.new_output({rows, hidden_size}, options);
     at::Tensor gates = device.new_output({rows, 4 * hidden_size}, options);
-    at::Tensor hy = device.new_output({batch, hidden_size}, options);
+    at::Tensor hy = device.new_output({batch, output_size}, options);
     at::Tensor cy = device.new_output({batch, hidden_size}, options);
+    // o * tanh(c) of the step being visited, between the cell update and the projection.
+    at::Tensor unprojected = weight_hr.has_value() ? device.new_output({batch, hidden_size}, options) : at::Tensor();
     const at::Tensor weight_hh_c = weight_hh.contiguous();
+    const at::Tensor weight_hr_c = weight_hr.has_value() ? weight_hr->contiguous() : at::Tensor();
     const at::Tensor hx_c = hx.contiguous();
     const at::Tensor cx_c = cx.contiguous();
     const SequencePointers<scalar_t> pointers{
         projected.const_data_ptr<scalar_t>(), weight_hh_c.const_data_ptr<scalar_t>(), hx_c.const_data_ptr<scalar_t>(),
         cx_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), cell_states.mutable_data_ptr<scalar_t>(),
-        gates.mutable_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>()};
+        gates.mutable_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
+        weight_hr_c.defined() ? weight_hr_c.const_data_ptr<scalar_t>() : nullptr,
+        unprojected.defined() ? unprojected.mutable_data_ptr<scalar_t>() : nullptr};
     launch_persistent_sequence<scalar_t>(
-        pointers, SequenceShape{steps, batch, hidden_size, reverse}, plan, device.stream());
+        pointers, SequenceShape{steps, batch, hidden_size, reverse, output_size}, plan, device.stream());
     *path = plan.tensor_cores ? SequencePath::kPersistentTensorCores : SequencePath::kPersistent;
     result = ForwardOutputs{output, hy, cy, cell_states, gates};
   });
@@ -161,7 +173,8 @@ std::optional<ForwardOutputs> persistent_sequence_forward(
 }
 
 // sequence_backward for a padded batch: the recurrence of the gradients in one cooperative launch,
-// then the products that need no recurrence; nullopt where the persistent backward does not apply
+// then the products that need no recurrence (with a projection, grad_weight_hr among them: one
+// product over all rows, as the loop's); nullopt where the persistent backward does not apply
 // (then the loop runs). The kernel takes no gradient of cell_states or gates (return_states'
 // outputs); a call with them takes the loop. The caller has checked the arguments.
 template <typename Device>
@@ -183,10 +196,13 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
     const at::Tensor& gates,
     bool reverse,
     const std::array<bool, 6>& output_mask,
+    const std::optional<at::Tensor>& weight_hr,
     SequencePath* path) {
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   const int64_t batch = hx.size(0);
-  const int64_t hidden_size = weight_hh.size(1);
+  const int64_t hidden_size = weight_hh.size(0) / 4;
+  const int64_t output_size = weight_hh.size(1);
+  const int64_t projection_size = weight_hr.has_value() ? output_size : 0;
   *path = SequencePath::kLoop;
   if (steps == 0 || batch == 0 || hidden_size == 0 || !every_step_full(batch_sizes, batch) ||
       grad_cell_states.has_value() || grad_gates.has_value()) {
@@ -195,22 +211,28 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
   const auto options = input.options();
   at::Tensor grad_preactivation;
   at::Tensor grad_cx;
+  at::Tensor grad_hidden;  // with a projection: every step's gradient of its projected h
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "lstm_fused_sequence_backward", [&] {
-    const SequencePlan wanted = plan_persistent_sequence_backward<scalar_t>(hidden_size, SIZE_MAX, INT64_MAX);
+    const SequencePlan wanted =
+        plan_persistent_sequence_backward<scalar_t>(hidden_size, projection_size, SIZE_MAX, INT64_MAX);
     const CooperativeLimits limits = device.template backward_limits<scalar_t>(wanted);
-    const SequencePlan plan =
-        plan_persistent_sequence_backward<scalar_t>(hidden_size, limits.max_shared_bytes, limits.max_blocks);
+    const SequencePlan plan = plan_persistent_sequence_backward<scalar_t>(
+        hidden_size, projection_size, limits.max_shared_bytes, limits.max_blocks);
     if (!plan.fits) {
       return;
     }
     // Every step's dG, kept whatever the mask: the kernel reads the step visited before from it.
     grad_preactivation = device.new_output({steps * batch, 4 * hidden_size}, options);
     grad_cx = device.new_output({batch, hidden_size}, options);
+    if (weight_hr.has_value()) {
+      grad_hidden = device.new_output({steps * batch, output_size}, options);
+    }
     const auto dense = [](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
     const at::Tensor grad_output_c = dense(grad_output);
     const at::Tensor grad_hy_c = dense(grad_hy);
     const at::Tensor grad_cy_c = dense(grad_cy);
     const at::Tensor weight_hh_c = weight_hh.contiguous();
+    const at::Tensor weight_hr_c = weight_hr.has_value() ? weight_hr->contiguous() : at::Tensor();
     const at::Tensor cx_c = cx.contiguous();
     const at::Tensor cell_states_c = cell_states.contiguous();
     const at::Tensor gates_c = gates.contiguous();
@@ -219,9 +241,10 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
         pointer_or_null(grad_output_c), pointer_or_null(grad_hy_c), pointer_or_null(grad_cy_c),
         weight_hh_c.const_data_ptr<scalar_t>(), cx_c.const_data_ptr<scalar_t>(), cell_states_c.const_data_ptr<scalar_t>(),
         gates_c.const_data_ptr<scalar_t>(), grad_preactivation.mutable_data_ptr<scalar_t>(),
-        grad_cx.mutable_data_ptr<scalar_t>()};
+        grad_cx.mutable_data_ptr<scalar_t>(), pointer_or_null(weight_hr_c),
+        grad_hidden.defined() ? grad_hidden.mutable_data_ptr<scalar_t>() : nullptr};
     launch_persistent_sequence_backward<scalar_t>(
-        pointers, SequenceShape{steps, batch, hidden_size, reverse}, plan, device.stream());
+        pointers, SequenceShape{steps, batch, hidden_size, reverse, output_size}, plan, device.stream());
     *path = SequencePath::kPersistent;
   });
   if (*path == SequencePath::kLoop) {
@@ -230,10 +253,10 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
   // The state each step multiplied by W_hh: the previous visited step's h, hx for the first.
   at::Tensor previous;
   if (output_mask[4]) {
-    const at::Tensor by_step = output.reshape({steps, batch, hidden_size});
+    const at::Tensor by_step = output.reshape({steps, batch, output_size});
     previous = (reverse ? at::cat({by_step.narrow(0, 1, steps - 1), hx.unsqueeze(0)})
                         : at::cat({hx.unsqueeze(0), by_step.narrow(0, 0, steps - 1)}))
-                   .reshape({steps * batch, hidden_size});
+                   .reshape({steps * batch, output_size});
   }
   const SequenceProducts products = device.products(grad_preactivation, input, previous, weight_ih, output_mask);
   const auto empty = [&] { return at::empty({0}, options); };
@@ -246,13 +269,16 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
       products.weight_ih,
       products.weight_hh,
       products.bias,
-      empty(),  // grad_weight_hr: the persistent kernels take no projection
+      // grad_weight_hr = sum over rows of grad_h^T (o * tanh(c)), u recomputed from the saved gates
+      // and cell states as the loop does (hidden_before_projection), one product (cuBLAS on the GPU).
+      weight_hr.has_value()
+          ? at::mm(grad_hidden.t(), gates.narrow(1, 3 * hidden_size, hidden_size) * cell_states.tanh())
+          : empty(),
   };
 }
 
-// The sequence_forward op: the persistent kernel where it applies, else the loop. The persistent
-// kernels have no projection: a weight_hr (proj_size > 0) sends the call to the loop. *path says
-// which ran.
+// The sequence_forward op: the persistent kernel where it applies (with or without a projection),
+// else the loop. *path says which ran.
 template <typename Device>
 ForwardOutputs sequence_forward_op(
     const Device& device,
@@ -272,12 +298,13 @@ ForwardOutputs sequence_forward_op(
   const std::vector<int64_t> sizes =
       device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   *path = SequencePath::kLoop;
-  if (!weight_hr.has_value()) {
+  {
     const typename Device::Guard guard(input.device());
     // Autocast must not recast the products of an op whose dtype was fixed by its caller.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     if (auto outputs = persistent_sequence_forward(
-            device, input, sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, allow_tf32, path)) {
+            device, input, sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, allow_tf32, weight_hr,
+            path)) {
       return *std::move(outputs);
     }
   }
@@ -307,28 +334,29 @@ BackwardOutputs sequence_backward_op(
     std::array<bool, 6> output_mask,
     const std::optional<at::Tensor>& weight_hr) {
   *path = SequencePath::kLoop;
-  if (!weight_hr.has_value()) {
+  {
     // The persistent path reads the saved tensors and gradients as the forward wrote them; any
     // other shape goes to the loop, whose checks name the argument that is wrong.
     const std::vector<int64_t> sizes =
-        device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt, std::nullopt);
+        device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr);
     const int64_t rows = input.size(0);
-    const int64_t hidden_size = weight_hh.size(1);
+    const int64_t hidden_size = weight_hh.size(0) / 4;
+    const int64_t output_size = weight_hh.size(1);
     const auto same = [&](const at::Tensor& t, at::IntArrayRef sizes) {
       return t.sizes() == sizes && t.device() == input.device() && t.scalar_type() == input.scalar_type();
     };
     const auto absent_or_same = [&](const std::optional<at::Tensor>& t, at::IntArrayRef sizes) {
       return !t.has_value() || same(*t, sizes);
     };
-    const bool as_saved = same(output, {rows, hidden_size}) && same(cell_states, {rows, hidden_size}) &&
-        same(gates, {rows, 4 * hidden_size}) && absent_or_same(grad_output, {rows, hidden_size}) &&
-        absent_or_same(grad_hy, hx.sizes()) && absent_or_same(grad_cy, hx.sizes());
+    const bool as_saved = same(output, {rows, output_size}) && same(cell_states, {rows, hidden_size}) &&
+        same(gates, {rows, 4 * hidden_size}) && absent_or_same(grad_output, {rows, output_size}) &&
+        absent_or_same(grad_hy, hx.sizes()) && absent_or_same(grad_cy, cx.sizes());
     if (as_saved) {
       const typename Device::Guard guard(input.device());
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
       if (auto grads = persistent_sequence_backward(
               device, grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, input, sizes, hx, cx, weight_ih,
-              weight_hh, output, cell_states, gates, reverse, output_mask, path)) {
+              weight_hh, output, cell_states, gates, reverse, output_mask, weight_hr, path)) {
         return *std::move(grads);
       }
     }

@@ -1,7 +1,7 @@
 // The CUDA kernels of the sequence ops (sequence_forward / sequence_backward, the ops lf.LSTM calls
 // per layer and direction): the persistent kernels of cell_kernels.cuh where the call allows them
-// (a padded batch, weights that fit in a block's shared memory, a grid that can be co-resident, no
-// projection), else the device-independent loop of csrc/sequence.cpp, whose per-step products and
+// (a padded batch, weights that fit in a block's shared memory, a grid that can be co-resident;
+// with or without a projection), else the device-independent loop of csrc/sequence.cpp, whose per-step products and
 // pointwise launches run on the GPU too. The choice and the persistent path are op_layer.h's,
 // shared with the tests' emulated build; this file supplies what only a GPU knows (occupancy, the
 // stream) and what only the library links (poisonable outputs, the backward's products).

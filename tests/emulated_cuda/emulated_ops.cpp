@@ -198,7 +198,6 @@ struct Emulation {
       const std::optional<at::Tensor>& bias_ih,
       const std::optional<at::Tensor>& bias_hh,
       const std::optional<at::Tensor>& weight_hr) const {
-    TORCH_CHECK(!weight_hr.has_value(), "the emulated ops take no projection");
     for (const at::Tensor* t : {&input, &hx, &cx, &weight_ih, &weight_hh}) {
       check_input(*t, "argument", input);
     }
@@ -209,12 +208,20 @@ struct Emulation {
     for (const int64_t b : sizes) {
       rows += b;
     }
-    const int64_t hidden_size = weight_hh.size(1);
+    // With a projection, weight_hh is [4H, P], h is [B, P] and weight_hr [P, H].
+    TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) % 4 == 0, "weight_hh shape");
+    const int64_t hidden_size = weight_hh.size(0) / 4;
+    const int64_t output_size = weight_hh.size(1);
     TORCH_CHECK(input.dim() == 2 && input.size(0) == rows, "input: [sum(batch_sizes), input_size]");
     TORCH_CHECK(weight_ih.sizes() == at::IntArrayRef({4 * hidden_size, input.size(1)}), "weight_ih shape");
-    TORCH_CHECK(weight_hh.sizes() == at::IntArrayRef({4 * hidden_size, hidden_size}), "weight_hh shape");
-    TORCH_CHECK(!sizes.empty() && hx.sizes() == at::IntArrayRef({sizes[0], hidden_size}), "hx shape");
-    TORCH_CHECK(cx.sizes() == hx.sizes(), "cx shape");
+    if (weight_hr.has_value()) {
+      check_input(*weight_hr, "weight_hr", input);
+      TORCH_CHECK(weight_hr->sizes() == at::IntArrayRef({output_size, hidden_size}), "weight_hr shape");
+    } else {
+      TORCH_CHECK(output_size == hidden_size, "weight_hh shape");
+    }
+    TORCH_CHECK(!sizes.empty() && hx.sizes() == at::IntArrayRef({sizes[0], output_size}), "hx shape");
+    TORCH_CHECK(cx.sizes() == at::IntArrayRef({sizes[0], hidden_size}), "cx shape");
     for (const auto* b : {&bias_ih, &bias_hh}) {
       TORCH_CHECK(!b->has_value() || (*b)->sizes() == at::IntArrayRef({4 * hidden_size}), "bias shape");
     }
@@ -306,17 +313,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
     bool reverse,
     bool allow_tf32,
     int64_t max_shared_bytes,
-    int64_t max_blocks) {
+    int64_t max_blocks,
+    const std::optional<at::Tensor>& weight_hr) {
   kernels::SequencePath path;
   auto [output, hy, cy, cell_states, gates] = kernels::sequence_forward_op(
       emulation(max_shared_bytes, max_blocks), &path, input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih,
-      bias_hh, reverse, allow_tf32, /*weight_hr=*/std::nullopt);
+      bias_hh, reverse, allow_tf32, weight_hr);
   return {output, hy, cy, cell_states, gates, static_cast<int64_t>(path)};
 }
 
-// The sequence_backward op as sequence.cu registers it for CUDA. Returns the op's gradients and
-// which path ran (0 the loop, 1 the persistent kernel).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_backward(
+// The sequence_backward op as sequence.cu registers it for CUDA. Returns the op's gradients (the
+// seventh, weight_hr's, empty without a projection) and which path ran (0 the loop, 1 the
+// persistent kernel).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_backward(
     const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy,
     const std::optional<at::Tensor>& grad_cy,
@@ -334,15 +343,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool reverse,
     std::array<bool, 6> output_mask,
     int64_t max_shared_bytes,
-    int64_t max_blocks) {
+    int64_t max_blocks,
+    const std::optional<at::Tensor>& weight_hr) {
   kernels::SequencePath path;
-  // No projection here, so the seventh gradient (weight_hr's) is always empty.
   auto [grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr] =
       kernels::sequence_backward_op(
           emulation(max_shared_bytes, max_blocks), &path, grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates,
-          input, batch_sizes, hx, cx, weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask,
-          /*weight_hr=*/std::nullopt);
-  return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, static_cast<int64_t>(path)};
+          input, batch_sizes, hx, cx, weight_ih, weight_hh, output, cell_states, gates, reverse, output_mask, weight_hr);
+  return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr,
+          static_cast<int64_t>(path)};
 }
 
 // Checks of the emulation itself, each with a kernel of selftest_kernels.cuh.
@@ -415,14 +424,15 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       &plan_fused_forward);
   m.def(
       "sequence_forward(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool allow_tf32, int max_shared_bytes, int max_blocks) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, int)",
+      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool allow_tf32, int max_shared_bytes, int max_blocks, "
+      "Tensor? weight_hr=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, int)",
       &sequence_forward);
   m.def(
       "sequence_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_cell_states, "
       "Tensor? grad_gates, Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor output, Tensor cell_states, Tensor gates, bool reverse, bool[6] output_mask, "
-      "int max_shared_bytes, int max_blocks) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)",
+      "int max_shared_bytes, int max_blocks, Tensor? weight_hr=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)",
       &sequence_backward);
   m.def("selftest(str name, int blocks, int threads) -> Tensor", &selftest);
 }
