@@ -954,3 +954,26 @@ def test_projected_shapes_the_persistent_kernel_refuses_take_the_loop(emu, dtype
         for name, actual, wanted in zip(PROJECTED_GRAD_NAMES, grads, expected_grads, strict=True):
             error = relative_error(actual, wanted)
             assert error <= PROJECTED_GRAD_TOLERANCE[dtype], f"grad of {name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_projected_float32_takes_tf32_tensor_cores_only_when_allowed(emu, reverse):
+    # The recurrent product reads h of width P = 16: with TF32 allowed, float32 runs the
+    # tensor-core kernel (the projection after it is the same FFMA code), within TF32's rounding.
+    steps, batch, input_size, hidden_size, proj_size = 3, 9, 5, 20, 16
+    weights, x, h0, c0 = projected_case(steps, batch, input_size, hidden_size, proj_size, torch.float32)
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    upstream = [nonzero_randn(steps, batch, proj_size), nonzero_randn(batch, proj_size), nonzero_randn(batch, hidden_size)]
+    (expected_output, expected_h, expected_c), _ = reference_projected_sequence(weights, x, h0, c0, reverse, *upstream)
+    errors = {}
+    for allow_tf32, wanted_path in [(False, PERSISTENT), (True, TENSOR_CORES)]:
+        *outputs, path = emu.sequence_forward(
+            x.reshape(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, w_ih, w_hh, b_ih, b_hh,
+            reverse, allow_tf32, MAX_SHARED, MAX_BLOCKS, w_hr,
+        )
+        assert path == wanted_path
+        output, hy, cy, _, _ = outputs
+        errors[allow_tf32] = max(relative_error(output.view(steps, batch, proj_size), expected_output),
+                                 relative_error(hy, expected_h), relative_error(cy, expected_c))
+    assert errors[False] <= 1e-5, f"float32 without TF32: relative error {errors[False]:.2e}"
+    assert 1e-6 < errors[True] <= 5e-3, f"float32 with TF32: relative error {errors[True]:.2e}"
