@@ -7,8 +7,9 @@ shuffles, atomics, grid barriers) into a small extension built once and cached i
 build/emulated_cuda. Each test launches the kernels exactly as csrc/cuda/lstm_cell.cu does (the
 header's launch_* functions) on small shapes: the tails of every batch tile (1, 4, 8, 16 rows),
 input size 0, hidden 1, batch 1-70, each dtype, several shared-memory chunks per segment, the
-split of a unit's K range over warps, misaligned data; against nn.LSTMCell / nn.LSTM in float64,
-and half/bfloat16 by relative error against float64. Outputs start NaN-filled.
+split of a unit's K range over warps, misaligned data; the persistent sequence kernels with and
+without a projection (LSTMP, proj_size 1..hidden); against nn.LSTMCell / nn.LSTM in float64, and
+half/bfloat16 by relative error against float64. Outputs start NaN-filled.
 
 The emulation proves indexing, synchronisation and arithmetic, not speed or the GPU's memory
 model: benchmarks/gpu_proof.sh is the GPU's part.
