@@ -4,7 +4,9 @@
 // The loop is built from dispatcher calls (matrix products through matmul.h, the cell's
 // cell_pointwise_ and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop
 // drives the CPU kernels and the CUDA ones. On the CPU, float32 batches of at most 64 go instead to
-// cpu/small_batch.h's fused recurrence, where a step makes no library call. The autograd is
+// cpu/small_batch.h's fused recurrence, where a step makes no library call; so do the forwards of
+// bfloat16 and float16 batches (16-bit panels, float32 accumulation), whose backward stays here.
+// The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
 // With a projection (nn.LSTM's proj_size > 0, an optional weight_hr [proj_size, hidden]) each step's
