@@ -4,7 +4,9 @@
 // The loop is built from dispatcher calls (matrix products through matmul.h, the cell's
 // cell_pointwise_ and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop
 // drives the CPU kernels and the CUDA ones. On the CPU, float32 batches of at most 64 go instead to
-// cpu/small_batch.h's fused recurrence, where a step makes no library call. The autograd is
+// cpu/small_batch.h's fused recurrence, where a step makes no library call; so do the forwards of
+// bfloat16 and float16 batches (16-bit panels, float32 accumulation), whose backward stays here.
+// The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
 // With a projection (nn.LSTM's proj_size > 0, an optional weight_hr [proj_size, hidden]) each step's
@@ -151,6 +153,65 @@ bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
   return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
 }
 
+// bfloat16 and float16 forwards take the fused recurrence with 16-bit panels too (their backward
+// stays on the library loop): at batch 1-64, T = 64, hidden 128-1024 each step's library product
+// and pointwise pass cost more than the whole fused step.
+bool takes_reduced_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
+  return input.device().is_cpu() && (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf) &&
+      cpu::small_batch::handles_reduced_sequence(hx.size(0));
+}
+
+// The 16-bit storage type the kernels see for a bfloat16 or float16 tensor's elements.
+template <typename T>
+const T* bits_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <typename T>
+T* mutable_bits(at::Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+template <typename T>
+void reduced_small_batch_forward(
+    const std::vector<cpu::RecurrenceStep>& steps,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr,
+    at::Tensor& gates,
+    at::Tensor& output,
+    at::Tensor& cell_states,
+    at::Tensor& hy,
+    at::Tensor& cy,
+    int threads) {
+  namespace small_batch = cpu::small_batch;
+  const int64_t hidden_size = weight_hh.size(0) / 4;
+  const int64_t output_size = weight_hh.size(1);
+  const auto options = hx.options();
+  const at::Tensor weight_hh_c = weight_hh.contiguous();
+  at::Tensor gate_panels = at::empty({small_batch::pair_gate_panels_size(hidden_size, output_size)}, options);
+  small_batch::pack_pair_gate_panels(bits_or_null<T>(weight_hh_c), hidden_size, output_size, mutable_bits<T>(gate_panels));
+  at::Tensor projection_panels, unprojected;
+  if (weight_hr.has_value()) {
+    const at::Tensor weight_hr_c = weight_hr->contiguous();
+    projection_panels = at::empty({small_batch::pair_panels_size(weight_hr_c.size(0), weight_hr_c.size(1))}, options);
+    small_batch::pack_pair_panels(bits_or_null<T>(weight_hr_c), weight_hr_c.size(0), weight_hr_c.size(1),
+                                  mutable_bits<T>(projection_panels));
+    unprojected = at::empty({hx.size(0), hidden_size}, options);
+  }
+  const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
+  const at::Tensor bias_hh_c = contiguous_or_undefined(bias_hh);
+  gates = gates.contiguous();
+  small_batch::sequence_forward(
+      cpu::small_batch::SequenceForwardOf<T>{
+          steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, bits_or_null<T>(gate_panels),
+          bits_or_null<T>(projection_panels), unprojected.defined() ? mutable_bits<T>(unprojected) : nullptr,
+          bits_or_null<T>(bias_hh_c), bits_or_null<T>(hx_c), bits_or_null<T>(cx_c), mutable_bits<T>(gates),
+          mutable_bits<T>(output), mutable_bits<T>(cell_states), mutable_bits<T>(hy), mutable_bits<T>(cy)},
+      threads);
+}
+
 // Every row's hidden state before the projection, o * tanh(c), from what the forward saved: the
 // projection's weight gradient multiplies it by every step's hidden-state gradient. Recomputed
 // rather than saved: one pointwise pass, against a [rows, hidden_size] buffer kept per layer.
@@ -229,6 +290,15 @@ SequenceForwardOutputs sequence_forward_loop(
          cx_c.const_data_ptr<float>(), gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(),
          cell_states.mutable_data_ptr<float>(), hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>()},
         small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
+    return {output, hy, cy, cell_states, gates};
+  }
+  if (takes_reduced_small_batch_path(input, hx)) {
+    const int threads = small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value());
+    input.scalar_type() == at::kBFloat16
+        ? reduced_small_batch_forward<cpu::BFloat16Bits>(steps, hx, cx, weight_hh, bias_hh, weight_hr, gates, output,
+                                                         cell_states, hy, cy, threads)
+        : reduced_small_batch_forward<cpu::HalfBits>(steps, hx, cx, weight_hh, bias_hh, weight_hr, gates, output,
+                                                     cell_states, hy, cy, threads);
     return {output, hy, cy, cell_states, gates};
   }
 

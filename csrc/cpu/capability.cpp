@@ -205,12 +205,80 @@ void sequence_backward(const SequenceBackward& args, int threads) {
   kernels().sequence_backward(args, threads);
 }
 
+bool handles_reduced_sequence(int64_t batch) {
+  return handles_sequence(batch) && kernels().bfloat16_sequence_forward != nullptr &&
+      kernels().half_sequence_forward != nullptr;
+}
+
+namespace {
+std::atomic<bool> native_bfloat16_allowed{true};
+}  // namespace
+
+bool native_bfloat16_products() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool cpu_has_avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+#else
+  constexpr bool cpu_has_avx512_bf16 = false;
+#endif
+  return cpu_has_avx512_bf16 && kernels().has_native_bfloat16 && native_bfloat16_allowed.load();
+}
+
+int64_t pair_panels_size(int64_t rows, int64_t reduction) {
+  return kernels().pair_panels_size(rows, reduction);
+}
+int64_t pair_gate_panels_size(int64_t hidden_size, int64_t state_size) {
+  return 4 * pair_panels_size(hidden_size, state_size);
+}
+void pack_pair_panels(const BFloat16Bits* weight, int64_t rows, int64_t reduction, BFloat16Bits* panels) {
+  kernels().pack_bfloat16_pair_panels(weight, rows, reduction, panels);
+}
+void pack_pair_panels(const HalfBits* weight, int64_t rows, int64_t reduction, HalfBits* panels) {
+  kernels().pack_half_pair_panels(weight, rows, reduction, panels);
+}
+
+namespace {
+// Each gate's rows packed on their own, so that a vector of units never straddles two gates.
+template <typename T>
+void pack_gates(const T* weight_hh, int64_t hidden_size, int64_t state_size, T* panels) {
+  for (int64_t gate = 0; gate < 4; ++gate) {
+    pack_pair_panels(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
+                     panels + gate * pair_panels_size(hidden_size, state_size));
+  }
+}
+}  // namespace
+
+void pack_pair_gate_panels(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size, BFloat16Bits* panels) {
+  pack_gates(weight_hh, hidden_size, state_size, panels);
+}
+void pack_pair_gate_panels(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size, HalfBits* panels) {
+  pack_gates(weight_hh, hidden_size, state_size, panels);
+}
+void sequence_forward(const SequenceForwardOf<BFloat16Bits>& args, int threads) {
+  kernels().bfloat16_sequence_forward(args, threads, native_bfloat16_products());
+}
+void sequence_forward(const SequenceForwardOf<HalfBits>& args, int threads) {
+  kernels().half_sequence_forward(args, threads);
+}
+
+namespace {
+// For the tests: whether bfloat16 products may use AVX512-BF16 (where the CPU has it), returning
+// the previous setting; off, they run the widened products every other CPU runs.
+bool set_native_bfloat16_products(bool allowed) {
+  return native_bfloat16_allowed.exchange(allowed);
+}
+bool uses_native_bfloat16_products() {
+  return native_bfloat16_products();
+}
+}  // namespace
+
 }  // namespace small_batch
 
 TORCH_LIBRARY_FRAGMENT(lstm_fused, m) {
   m.def("cpu_capability() -> str", &cpu_capability);
   m.def("_supported_cpu_capabilities() -> str[]", &supported_cpu_capabilities);
   m.def("_set_cpu_capability(str name) -> str", &set_cpu_capability);
+  m.def("_set_native_bfloat16_products(bool allowed) -> bool", &small_batch::set_native_bfloat16_products);
+  m.def("_native_bfloat16_products() -> bool", &small_batch::uses_native_bfloat16_products);
 }
 
 }  // namespace cpu

@@ -20,6 +20,10 @@
 namespace lstm_fused {
 namespace cpu {
 
+// bfloat16 and float16 by their bits (cell_units.h).
+struct BFloat16Bits;
+struct HalfBits;
+
 // One time step of a packed sequence as the recurrence visits it (last step first when reverse):
 // rows [offset, offset + batch) of the packed tensors; rows [0, carried) continue from the step
 // visited before (at previous_offset), rows [carried, batch) start from the initial state, rows
@@ -108,24 +112,52 @@ void cell_backward_products(const CellBackwardProducts& args, int threads);
 // projection (projection_panels: weight_hr packed by pack_row_panels; null: none), h is
 // weight_hr (o * tanh(c)), of output_size = proj_size features, and unprojected is scratch of
 // [batch, hidden]; without, output_size is hidden_size.
-struct SequenceForward {
+//
+// The same recurrence stored in bfloat16 or float16 (T: BFloat16Bits, HalfBits): every tensor in
+// the dtype, the panels packed by pack_pair_panels, the products accumulated in float32 and the
+// cell math in float32, each result rounded to the dtype once on store (the gates' pre-activations
+// too, as the library loop's product into the gate buffer does).
+template <typename T>
+struct SequenceForwardOf {
   const RecurrenceStep* steps;
   int64_t num_steps;
   int64_t hidden_size;
   int64_t output_size;
-  const float* gate_panels;
-  const float* projection_panels;  // may be null
-  float* unprojected;              // with projection_panels
-  const float* bias_hh;  // may be null
-  const float* hx;
-  const float* cx;
-  float* gates;
-  float* output;
-  float* cell_states;
-  float* hy;
-  float* cy;
+  const T* gate_panels;
+  const T* projection_panels;  // may be null
+  T* unprojected;              // with projection_panels
+  const T* bias_hh;  // may be null
+  const T* hx;
+  const T* cx;
+  T* gates;
+  T* output;
+  T* cell_states;
+  T* hy;
+  T* cy;
 };
+using SequenceForward = SequenceForwardOf<float>;
 void sequence_forward(const SequenceForward& args, int threads);
+void sequence_forward(const SequenceForwardOf<BFloat16Bits>& args, int threads);
+void sequence_forward(const SequenceForwardOf<HalfBits>& args, int threads);
+
+// Whether the path takes a bfloat16 or float16 sequence of this many rows (the vector paths; the
+// portable one has no vector conversions).
+bool handles_reduced_sequence(int64_t batch);
+
+// A 16-bit weight [rows, reduction] as the reduced-precision recurrence multiplies it: panels of
+// as many columns (its rows) as a float vector has lanes, the reduction index in pairs (odd
+// reductions padded with a zero). Sizes in elements. The gate panels pack each gate's rows on their
+// own, as pack_gate_panels does.
+int64_t pair_panels_size(int64_t rows, int64_t reduction);
+int64_t pair_gate_panels_size(int64_t hidden_size, int64_t state_size);
+void pack_pair_panels(const BFloat16Bits* weight, int64_t rows, int64_t reduction, BFloat16Bits* panels);
+void pack_pair_panels(const HalfBits* weight, int64_t rows, int64_t reduction, HalfBits* panels);
+void pack_pair_gate_panels(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size, BFloat16Bits* panels);
+void pack_pair_gate_panels(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size, HalfBits* panels);
+
+// Whether bfloat16 products use the CPU's AVX512-BF16 dot products (where it has them and the
+// avx512 path runs); the tests switch it off to run the widened products on the same CPU.
+bool native_bfloat16_products();
 
 // Backpropagation through time of that recurrence: every row's gate pre-activation gradients, and
 // the initial states' gradients. unit_panels: weight_hh packed by pack_unit_panels. The incoming

@@ -2,6 +2,7 @@
 // and its entries. capability.cpp picks one table at run time; everything else calls through it.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../cell_units.h"
@@ -81,6 +82,17 @@ struct Kernels {
   TanhUnitsFn* tanh_units;
   NormaliseRowFn* normalise_row;
   LayerNormBackwardRowFn* layer_norm_backward_row;
+
+  // small_batch.h's bfloat16 and float16 recurrence, its 16-bit panels (pair_products.h); null
+  // where this instruction set has no vector conversion for the dtypes (the portable path).
+  // native_bfloat16: the products on AVX512-BF16, which only has_native_bfloat16 tables can use.
+  int64_t (*pair_panels_size)(int64_t rows, int64_t reduction);
+  void (*pack_bfloat16_pair_panels)(const BFloat16Bits* weight, int64_t rows, int64_t reduction, BFloat16Bits* panels);
+  void (*pack_half_pair_panels)(const HalfBits* weight, int64_t rows, int64_t reduction, HalfBits* panels);
+  void (*bfloat16_sequence_forward)(const small_batch::SequenceForwardOf<BFloat16Bits>& args, int threads,
+                                    bool native_bfloat16);
+  void (*half_sequence_forward)(const small_batch::SequenceForwardOf<HalfBits>& args, int threads);
+  bool has_native_bfloat16;
 };
 
 // The table in use (capability.cpp).
@@ -101,6 +113,14 @@ RegularisedActivationsFn regularised_activations;
 TanhUnitsFn tanh_units;
 NormaliseRowFn normalise_row;
 LayerNormBackwardRowFn layer_norm_backward_row;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bfloat16_products.cpp of this compile: pair_products.h's products on AVX512-BF16 (only where the
+// CPU has it).
+void native_bfloat16_products(const BFloat16Bits* const* rows, int64_t batch, int64_t reduction,
+                              const BFloat16Bits* panels, int64_t columns, BFloat16Bits* out, int64_t out_stride,
+                              bool accumulate, std::byte* scratch);
+#endif
 }  // namespace CPU_CAPABILITY
 #endif
 

@@ -5,10 +5,12 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../small_batch.h"
 #include "../threads.h"
 #include "kernels.h"
+#include "pair_products.h"
 #include "vec.h"
 
 namespace lstm_fused {
@@ -23,6 +25,7 @@ using small_batch::kMaxCellBatch;
 using small_batch::CellForward;
 using small_batch::SequenceBackward;
 using small_batch::SequenceForward;
+using small_batch::SequenceForwardOf;
 
 constexpr int64_t kLanes = Vec::kWidth;
 
@@ -515,67 +518,75 @@ void outer_product_rows(
 // share.
 constexpr int kGates = 4;
 
-struct PaddedUnits {
-  float gates[kGates][kLanes] = {};
-  float bias[kGates][kLanes] = {};
-  float grad_gates[kGates][kLanes] = {};
-  float grad_preactivation[kGates][kLanes] = {};
-  float cell_prev[kLanes] = {};
-  float cell_next[kLanes] = {};
-  float hidden_next[kLanes] = {};
-  float grad_hidden[kLanes] = {};
-  float grad_cell[kLanes] = {};
-  float grad_cell_prev[kLanes] = {};
+// T: the storage dtype (float; BFloat16Bits and HalfBits for the forward of those dtypes).
+template <typename T = float>
+struct PaddedUnitsOf {
+  T gates[kGates][kLanes] = {};
+  T bias[kGates][kLanes] = {};
+  T grad_gates[kGates][kLanes] = {};
+  T grad_preactivation[kGates][kLanes] = {};
+  T cell_prev[kLanes] = {};
+  T cell_next[kLanes] = {};
+  T hidden_next[kLanes] = {};
+  T grad_hidden[kLanes] = {};
+  T grad_cell[kLanes] = {};
+  T grad_cell_prev[kLanes] = {};
 };
+using PaddedUnits = PaddedUnitsOf<float>;
 
-GateRows<float> padded_rows(float (&rows)[kGates][kLanes]) {
+template <typename T>
+GateRows<T> padded_rows(T (&rows)[kGates][kLanes]) {
   return {rows[0], rows[1], rows[2], rows[3]};
 }
 
-void copy_gates_in(float (&to)[kGates][kLanes], GateRows<const float> from, int64_t first, int64_t count) {
-  const float* rows[kGates] = {from.input, from.forget, from.cell, from.output};
+template <typename T>
+void copy_gates_in(T (&to)[kGates][kLanes], GateRows<const T> from, int64_t first, int64_t count) {
+  const T* rows[kGates] = {from.input, from.forget, from.cell, from.output};
   for (int gate = 0; gate < kGates; ++gate) {
-    std::memcpy(to[gate], rows[gate] + first, count * sizeof(float));
+    std::memcpy(to[gate], rows[gate] + first, count * sizeof(T));
   }
 }
 
-void copy_gates_out(GateRows<float> to, const float (&from)[kGates][kLanes], int64_t first, int64_t count) {
-  float* rows[kGates] = {to.input, to.forget, to.cell, to.output};
+template <typename T>
+void copy_gates_out(GateRows<T> to, const T (&from)[kGates][kLanes], int64_t first, int64_t count) {
+  T* rows[kGates] = {to.input, to.forget, to.cell, to.output};
   for (int gate = 0; gate < kGates; ++gate) {
-    std::memcpy(rows[gate] + first, from[gate], count * sizeof(float));
+    std::memcpy(rows[gate] + first, from[gate], count * sizeof(T));
   }
 }
 
 // Adds bias_hh (may be null), activates the gates in place and writes the new cell and hidden state.
+template <typename T>
 void pointwise_forward(
-    float* gates_row,
-    const float* bias,
-    const float* cell_prev,
-    float* cell_next,
-    float* hidden_next,
+    T* gates_row,
+    const T* bias,
+    const T* cell_prev,
+    T* cell_next,
+    T* hidden_next,
     int64_t hidden_size,
     int64_t first,
     int64_t end) {
-  const GateRows<float> gates = gate_rows(gates_row, hidden_size);
-  const GateRows<const float> bias_rows = gate_rows(bias, hidden_size);
+  using Lanes = VecLanesOf<T>;
+  const GateRows<T> gates = gate_rows(gates_row, hidden_size);
+  const GateRows<const T> bias_rows = gate_rows(bias, hidden_size);
   const int64_t done = bias != nullptr
-      ? cpu::forward_units<VecLanes, true>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
-      : cpu::forward_units<VecLanes, false>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
+      ? cpu::forward_units<Lanes, true>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
+      : cpu::forward_units<Lanes, false>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
   const int64_t count = end - done;
   if (count == 0) {
     return;
   }
-  PaddedUnits pad;
+  PaddedUnitsOf<T> pad;
   copy_gates_in(pad.gates, as_const(gates), done, count);
   if (bias != nullptr) {
     copy_gates_in(pad.bias, bias_rows, done, count);
   }
-  std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(float));
-  cpu::forward_units<VecLanes, true>(
+  std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(T));
+  cpu::forward_units<Lanes, true>(
       padded_rows(pad.gates), as_const(padded_rows(pad.bias)), pad.cell_prev, pad.cell_next, pad.hidden_next, 0, kLanes);
   copy_gates_out(gates, pad.gates, done, count);
-  std::memcpy(cell_next + done, pad.cell_next, count * sizeof(float));
-  std::memcpy(hidden_next + done, pad.hidden_next, count * sizeof(float));
+  std::memcpy(cell_next + done, pad.cell_next, count * sizeof(T));
+  std::memcpy(hidden_next + done, pad.hidden_next, count * sizeof(T));
 }
 
 // Gate pre-activation gradients and grad_cell_prev (which may be grad_cell itself: each unit is
@@ -818,7 +829,11 @@ int team_size(int64_t batch, int64_t hidden_size, int threads) {
   return !teams_can_meet() && share_sequence(batch, hidden_size, hidden_size, 0, threads).meets_every_step ? 1 : threads;
 }
 
-void sequence_forward(const SequenceForward& a, int threads) {
+// The recurrence for storage T: make_products() gives each thread its products,
+// products(rows, batch, reduction, panels, columns, out, out_stride, accumulate) as panel_products
+// does them, over panels of panel_size(reduction) elements each.
+template <typename T, typename PanelSize, typename MakeProducts>
+void sequence_forward_with(const SequenceForwardOf<T>& a, int threads, PanelSize panel_size, const MakeProducts& make_products) {
   const int64_t hidden_size = a.hidden_size;
   const int64_t output_size = a.output_size;
   const int64_t gate_width = 4 * hidden_size;
@@ -828,7 +843,8 @@ void sequence_forward(const SequenceForward& a, int threads) {
   run_team(threads, [&](int thread, int num_threads) {
     const SequenceShare share = share_sequence(batch, hidden_size, output_size, thread, num_threads);
     const int64_t first = share.first_unit, end = share.end_unit;
-    const float* hidden_prev[kMaxBatch];
+    auto panel_products = make_products();
+    const T* hidden_prev[kMaxBatch];
     for (int64_t k = 0; k < a.num_steps; ++k) {
       const RecurrenceStep& step = a.steps[k];
       // Step k reads every unit of the hidden states step k - 1 wrote, whichever thread wrote them.
@@ -843,22 +859,22 @@ void sequence_forward(const SequenceForward& a, int threads) {
           hidden_prev[i] =
               b < step.carried ? a.output + (step.previous_offset + b) * output_size : a.hx + b * output_size;
         }
-        float* step_gates = a.gates + (step.offset + share.first_row) * gate_width;
+        T* step_gates = a.gates + (step.offset + share.first_row) * gate_width;
         for (int64_t gate = 0; gate < kGates; ++gate) {
-          const float* panels = a.gate_panels + (gate * panel_count(hidden_size) + first / kLanes) * output_size * kLanes;
+          const T* panels = a.gate_panels + (gate * panel_count(hidden_size) + first / kLanes) * panel_size(output_size);
           panel_products(hidden_prev, rows, output_size, panels, end - first, step_gates + gate * hidden_size + first,
                          gate_width, /*accumulate=*/true);
         }
         for (int64_t b = share.first_row; b < share.first_row + rows; ++b) {
-          const float* cell_prev =
+          const T* cell_prev =
               b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
           const int64_t row = (step.offset + b) * hidden_size;
           // With a projection the cell's o * tanh(c) goes to scratch, the output row is its product.
-          float* hidden_next = projecting ? a.unprojected + b * hidden_size : a.output + row;
+          T* hidden_next = projecting ? a.unprojected + b * hidden_size : a.output + row;
           pointwise_forward(a.gates + (step.offset + b) * gate_width, a.bias_hh, cell_prev, a.cell_states + row,
                             hidden_next, hidden_size, first, end);
           if (b >= step.ending) {
-            std::memcpy(a.cy + b * hidden_size + first, a.cell_states + row + first, (end - first) * sizeof(float));
+            std::memcpy(a.cy + b * hidden_size + first, a.cell_states + row + first, (end - first) * sizeof(T));
           }
         }
       }
@@ -870,23 +886,75 @@ void sequence_forward(const SequenceForward& a, int threads) {
           team_barrier();
         }
         if (output_rows > 0) {
-          const float* unprojected[kMaxBatch];
+          const T* unprojected[kMaxBatch];
           for (int64_t i = 0; i < output_rows; ++i) {
             unprojected[i] = a.unprojected + (share.first_row + i) * hidden_size;
           }
           panel_products(unprojected, output_rows, hidden_size,
-                         a.projection_panels + first_output / kLanes * hidden_size * kLanes, end_output - first_output,
+                         a.projection_panels + first_output / kLanes * panel_size(hidden_size), end_output - first_output,
                          a.output + (step.offset + share.first_row) * output_size + first_output, output_size,
                          /*accumulate=*/false);
         }
       }
       for (int64_t b = std::max(step.ending, share.first_row); b < share.first_row + output_rows; ++b) {
         std::memcpy(a.hy + b * output_size + first_output, a.output + (step.offset + b) * output_size + first_output,
-                    (end_output - first_output) * sizeof(float));
+                    (end_output - first_output) * sizeof(T));
       }
     }
   });
 }
+
+void sequence_forward(const SequenceForward& a, int threads) {
+  sequence_forward_with(
+      a, threads, [](int64_t reduction) { return reduction * kLanes; },
+      [] { return [](auto&&... args) { panel_products(args...); }; });
+}
+
+// --- the bfloat16 and float16 recurrence: 16-bit panels, products through pair_products.h ---
+
+template <typename T>
+using PairProductsFn = void(const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns,
+                            T* out, int64_t out_stride, bool accumulate, std::byte* scratch);
+
+template <typename T>
+void reduced_sequence_forward(const SequenceForwardOf<T>& a, int threads, PairProductsFn<T>* products) {
+  // Each thread's rows widened (or copied) once per product call, for the longest reduction.
+  const int64_t scratch_bytes =
+      kMaxBatch * factor_stride(std::max(a.hidden_size, a.output_size)) * static_cast<int64_t>(sizeof(float));
+  sequence_forward_with(a, threads, pair_panel_size, [&] {
+    return [products, scratch = std::vector<std::byte>(scratch_bytes)](
+               const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns, T* out,
+               int64_t out_stride, bool accumulate) mutable {
+      products(rows, batch, reduction, panels, columns, out, out_stride, accumulate, scratch.data());
+    };
+  });
+}
+
+int64_t pair_panels_size(int64_t rows, int64_t reduction) {
+  return pair_panel_count(rows) * pair_panel_size(reduction);
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON)
+constexpr bool kHasPairProducts = true;
+
+void bfloat16_sequence_forward(const SequenceForwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (native_bfloat16) {
+    return reduced_sequence_forward<BFloat16Bits>(a, threads, native_bfloat16_products);
+  }
+#endif
+  (void)native_bfloat16;
+  reduced_sequence_forward<BFloat16Bits>(a, threads, pair_products<WidenedPairs<BFloat16Bits>>);
+}
+
+void half_sequence_forward(const SequenceForwardOf<HalfBits>& a, int threads) {
+  reduced_sequence_forward<HalfBits>(a, threads, pair_products<WidenedPairs<HalfBits>>);
+}
+#else
+constexpr bool kHasPairProducts = false;
+constexpr void (*bfloat16_sequence_forward)(const SequenceForwardOf<BFloat16Bits>&, int, bool) = nullptr;
+constexpr void (*half_sequence_forward)(const SequenceForwardOf<HalfBits>&, int) = nullptr;
+#endif
 
 void sequence_backward(const SequenceBackward& a, int threads) {
   const int64_t hidden_size = a.hidden_size;
@@ -1011,6 +1079,16 @@ const Kernels table = {
     tanh_units,
     normalise_row,
     layer_norm_backward_row,
+    pair_panels_size,
+    kHasPairProducts ? pack_pair_panels<BFloat16Bits> : nullptr,
+    kHasPairProducts ? pack_pair_panels<HalfBits> : nullptr,
+    bfloat16_sequence_forward,
+    half_sequence_forward,
+#if defined(CPU_CAPABILITY_AVX512)
+    true,
+#else
+    false,
+#endif
 };
 
 }  // namespace CPU_CAPABILITY

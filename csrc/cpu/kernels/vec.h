@@ -350,6 +350,40 @@ constexpr bool kConvertsReducedFloats = false;
 inline Vec load_widened(const float* p) { return Vec::load(p); }
 inline void store_narrowed(float* p, Vec x) { x.store(p); }
 
+// A 16-bit weight's panels (pair_products.h) hold the reduction index in pairs: a block of
+// 2 * Vec::kWidth values per pair, lanes' even and odd indices. bfloat16 interleaves them (lane l
+// at 2l, 2l + 1: the layout AVX512-BF16's vdpbf16ps reads, and one shift and one mask widen it);
+// float16 keeps the even indices' vector before the odd ones' (F16C and NEON widen whole vectors).
+inline int64_t pair_slot(const BFloat16Bits*, int64_t lane, int64_t parity) { return 2 * lane + parity; }
+inline int64_t pair_slot(const HalfBits*, int64_t lane, int64_t parity) { return parity * Vec::kWidth + lane; }
+
+// One block of pairs widened to float: even, odd = the lanes' weights at indices 2p and 2p + 1.
+#if defined(CPU_CAPABILITY_AVX2)
+inline void widen_pairs(const BFloat16Bits* p, Vec& even, Vec& odd) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#elif defined(CPU_CAPABILITY_AVX512)
+inline void widen_pairs(const BFloat16Bits* p, Vec& even, Vec& odd) {
+  const __m512i bits = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#elif defined(CPU_CAPABILITY_NEON)
+inline void widen_pairs(const BFloat16Bits* p, Vec& even, Vec& odd) {
+  const uint32x4_t bits = vreinterpretq_u32_u16(vld1q_u16(&p->bits));
+  even = vreinterpretq_f32_u32(vshlq_n_u32(bits, 16));
+  odd = vreinterpretq_f32_u32(vandq_u32(bits, vdupq_n_u32(0xFFFF0000u)));
+}
+#endif
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON)
+inline void widen_pairs(const HalfBits* p, Vec& even, Vec& odd) {
+  even = load_widened(p);
+  odd = load_widened(p + Vec::kWidth);
+}
+#endif
+
 // The lanes policy cell_units.h's loops run with: Vec::kWidth units at a time, stored as Storage
 // (float, BFloat16Bits or HalfBits) and computed in float.
 template <typename Storage>

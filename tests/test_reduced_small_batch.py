@@ -1,0 +1,197 @@
+"""lf.LSTM in bfloat16 and float16 through the fused small-batch recurrence (batch <= 64 on the
+vector CPU paths): 16-bit pair panels, products accumulated in float32 (AVX512-BF16's vdpbf16ps where
+the CPU has it, widened FMAs elsewhere), cell math in float32, results rounded to the dtype.
+
+Judged against nn.LSTM in float64 on the same (rounded) weights and inputs, by relative error, and
+held to at most twice nn.LSTM's own error in the dtype; under every CPU path this machine has, with
+and without AVX512-BF16's products, on one and two threads, both directions, packed input, and sizes
+that leave tails of every vector width and odd reductions (the last pair half empty)."""
+import pytest
+import torch
+from torch import nn
+
+import lstm_fused as lf
+
+CAPABILITIES = lf.supported_cpu_capabilities()
+DTYPES = [torch.bfloat16, torch.float16]
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+
+
+def _native_settings():
+    """False always (the widened products); True where this CPU has AVX512-BF16's dot products."""
+    previous = torch.ops.lstm_fused._set_native_bfloat16_products(True)
+    try:
+        has_native = {}
+        for name in CAPABILITIES:
+            old = torch.ops.lstm_fused._set_cpu_capability(name)
+            has_native[name] = torch.ops.lstm_fused._native_bfloat16_products()
+            torch.ops.lstm_fused._set_cpu_capability(old)
+    finally:
+        torch.ops.lstm_fused._set_native_bfloat16_products(previous)
+    return [False, True] if any(has_native.values()) else [False]
+
+
+NATIVE = _native_settings()
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request):
+    previous = torch.ops.lstm_fused._set_cpu_capability(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.ops.lstm_fused._set_cpu_capability(previous)
+
+
+@pytest.fixture(params=NATIVE, ids=lambda native: "vdpbf16ps" if native else "widened")
+def native(request):
+    previous = torch.ops.lstm_fused._set_native_bfloat16_products(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.ops.lstm_fused._set_native_bfloat16_products(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def _lstms(input_size, hidden_size, dtype, proj_size=0):
+    """(lf.LSTM, nn.LSTM) in dtype and nn.LSTM in float64, all holding the same dtype-rounded weights."""
+    exact = nn.LSTM(input_size, hidden_size, bidirectional=True, proj_size=proj_size, dtype=torch.float64)
+    rounded = {k: v.to(dtype) for k, v in exact.state_dict().items()}
+    exact.load_state_dict({k: v.double() for k, v in rounded.items()})
+    fused = lf.LSTM(input_size, hidden_size, bidirectional=True, proj_size=proj_size, dtype=dtype)
+    torch_lstm = nn.LSTM(input_size, hidden_size, bidirectional=True, proj_size=proj_size, dtype=dtype)
+    fused.load_state_dict(rounded)
+    torch_lstm.load_state_dict(rounded)
+    return fused, torch_lstm, exact
+
+
+def _inputs(helpers, lengths, input_size, state_sizes, dtype):
+    sequences = [helpers.randn(length, input_size, dtype=torch.float64).to(dtype) for length in lengths]
+    packed = nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
+    h_0, c_0 = (helpers.randn(2, len(lengths), size, dtype=torch.float64).to(dtype) for size in state_sizes)
+    return packed, h_0, c_0
+
+
+def _run(lstm, packed, h_0, c_0, dtype):
+    x = nn.utils.rnn.PackedSequence(packed.data.to(dtype), packed.batch_sizes, packed.sorted_indices,
+                                    packed.unsorted_indices)
+    with torch.no_grad():
+        output, (h_n, c_n) = lstm(x, (h_0.to(dtype), c_0.to(dtype)))
+    return [output.data, h_n, c_n]
+
+
+def _limit(nn_error, numel, dtype):
+    """Twice nn's error, never held below a quarter ulp; a tensor of a few elements (hidden 1's
+    h_n) is one rounding or two, which either implementation may lose by an ulp: there one ulp."""
+    eps = torch.finfo(dtype).eps
+    return max(2 * nn_error, eps / 2) if numel >= 64 else max(2 * nn_error, eps)
+
+
+def _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype):
+    results = _run(fused, packed, h_0, c_0, dtype)
+    expected = _run(exact, packed, h_0, c_0, torch.float64)
+    theirs = _run(torch_lstm, packed, h_0, c_0, dtype)
+    for name, ours, nn_value, reference in zip(("output", "h_n", "c_n"), results, theirs, expected, strict=True):
+        assert ours.dtype == dtype and ours.shape == reference.shape, name
+        assert not torch.isnan(ours).any(), f"{name}: an element was left unwritten (NaN-poisoned)"
+        error = helpers.relative_error(ours, reference)
+        nn_error = helpers.relative_error(nn_value, reference)
+        limit = _limit(nn_error, ours.numel(), dtype)
+        assert error <= limit, f"{name}: relative error {error:.2e} against float64, nn.LSTM's {nn_error:.2e}"
+
+
+# Hidden 1, 5, 17, 33, 130: tails of every vector width and odd reductions; batch 1-64, equal and
+# unequal lengths (packed, unsorted); batch 3 at hidden 130 splits two threads by units (a barrier a
+# step), batch 16 at hidden 64 by rows; 65 is past the path (the library loop).
+CASES = [
+    ([7], 3, 1),
+    ([5, 2, 4, 1], 7, 5),
+    ([6, 6, 3, 5, 2, 6, 1, 4, 6, 2, 3, 5, 6, 1, 2, 4, 6], 9, 17),
+    ([5] * 33, 33, 33),
+    ([4, 4, 3], 20, 130),
+    ([3] * 16, 64, 64),
+    ([4, 3, 2, 1] * 16, 11, 130),
+    ([3] * 65, 5, 19),
+]
+
+
+@pytest.mark.parametrize("lengths, input_size, hidden_size", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequence_against_float64(helpers, capability, threads, dtype, lengths, input_size, hidden_size):
+    fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
+    packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (hidden_size, hidden_size), dtype)
+    _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
+
+
+@pytest.mark.parametrize("lengths, input_size, hidden_size", CASES[:7])
+def test_bfloat16_products_with_and_without_avx512_bf16(helpers, native, threads, lengths, input_size, hidden_size):
+    dtype = torch.bfloat16
+    fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
+    packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (hidden_size, hidden_size), dtype)
+    assert torch.ops.lstm_fused._native_bfloat16_products() == native
+    _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
+
+
+# A projection: its product per step through the same 16-bit panels (proj_size odd: 3, 33).
+@pytest.mark.parametrize("lengths, input_size, hidden_size, proj_size", [
+    ([5, 2, 4, 1], 7, 17, 3), ([4] * 9, 6, 130, 33),
+])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_projected_sequence_against_float64(helpers, capability, threads, dtype, lengths, input_size, hidden_size,
+                                            proj_size):
+    fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype, proj_size)
+    packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (proj_size, hidden_size), dtype)
+    _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
+
+
+# The backward stays on the library loop; it reads what the fused forward saved.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_from_the_fused_forward(helpers, capability, dtype):
+    lengths, input_size, hidden_size = [6, 6, 3, 5, 2, 6, 1, 4, 6], 9, 33
+    fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
+    packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (hidden_size, hidden_size), dtype)
+    grads = {}
+    for name, lstm, run_dtype in (("fused", fused, dtype), ("nn", torch_lstm, dtype), ("exact", exact, torch.float64)):
+        data, h, c = (t.detach().to(run_dtype).requires_grad_(True) for t in (packed.data, h_0, c_0))
+        x = nn.utils.rnn.PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        output, (h_n, c_n) = lstm(x, (h, c))
+        weights = torch.linspace(-1, 1, output.data.numel(), dtype=run_dtype).view_as(output.data)
+        loss = (output.data * weights).sum() + (h_n * 0.5).sum() + (c_n * 0.25).sum()
+        grads[name] = torch.autograd.grad(loss, [data, h, c, *lstm.parameters()])
+    for index, (ours, theirs, reference) in enumerate(zip(grads["fused"], grads["nn"], grads["exact"], strict=True)):
+        assert ours.dtype == dtype
+        error = helpers.relative_error(ours, reference)
+        nn_error = helpers.relative_error(theirs, reference)
+        assert error <= _limit(nn_error, ours.numel(), dtype), f"gradient {index}: {error:.2e} vs nn {nn_error:.2e}"
+
+
+def _products_per_call(lstm, x):
+    """How many matrix products (ATen mm/addmm/matmul/linear) one forward makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        lstm(x)
+    names = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul", "aten::bmm")
+    return sum(event.count for event in prof.key_averages() if event.key in names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_fused_path_makes_no_product_per_step(helpers, dtype):
+    """The input projection is one product per direction; the library loop adds one per step."""
+    steps = 12
+    fused = lf.LSTM(8, 16, bidirectional=True, dtype=dtype)
+    x = helpers.randn(steps, 4, 8).to(dtype)
+    expected_fused = 2 if CAPABILITIES[0] != "default" else None
+    products = _products_per_call(fused, x)
+    if expected_fused is None:
+        pytest.skip("the portable path has no fused recurrence")
+    assert products <= expected_fused, f"{products} products for {steps} steps: the library loop ran"
+    # Past the path's largest batch the library loop runs, which the count must see.
+    assert _products_per_call(fused, helpers.randn(steps, 65, 8).to(dtype)) >= 2 * steps
