@@ -101,6 +101,12 @@ RegularisedActivationsFn regularised_activations;
 TanhUnitsFn tanh_units;
 NormaliseRowFn normalise_row;
 LayerNormBackwardRowFn layer_norm_backward_row;
+
+// small_batch.cpp of this compile: out[b, c] (+)= sum over k < reduction of x_b[k] w[k, c] for
+// batch rows x[0 .. batch) and the `columns` columns whose panels (pack_*_panels' layout) start at
+// `panels`; out rows out_stride apart. The regularised sequence's products use it too.
+void panel_products(const float* const* x, int64_t batch, int64_t reduction, const float* panels, int64_t columns,
+                    float* out, int64_t out_stride, bool accumulate);
 }  // namespace CPU_CAPABILITY
 #endif
 

@@ -408,6 +408,8 @@ void panel_columns(
   }
 }
 
+}  // namespace
+
 // out[b, c] (+)= sum over k < reduction of x_b[k] w[k, c], for the `columns` columns whose panels
 // start at `panels`.
 void panel_products(
@@ -442,6 +444,8 @@ void panel_products(
                               columns - column, accumulate);
   }
 }
+
+namespace {
 
 // grad_weight[r, k] (+)= sum over kBatch rows of g[b, r] x_b[k], for rows [first_row, end_row):
 // each row's kBatch factors broadcast once, then one pass along the row.
