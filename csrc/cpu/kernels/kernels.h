@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../cell_units.h"
+#include "../regularised_sequence.h"
 #include "../small_batch.h"
 
 namespace lstm_fused {
@@ -81,6 +82,10 @@ struct Kernels {
   TanhUnitsFn* tanh_units;
   NormaliseRowFn* normalise_row;
   LayerNormBackwardRowFn* layer_norm_backward_row;
+
+  // regularised_sequence.h's entries (kernels/regularised_sequence.cpp).
+  void (*regularised_sequence_forward)(const regularised::SequenceForward& args, int threads);
+  void (*regularised_sequence_backward)(const regularised::SequenceBackward& args, int threads);
 };
 
 // The table in use (capability.cpp).
@@ -107,6 +112,10 @@ LayerNormBackwardRowFn layer_norm_backward_row;
 // `panels`; out rows out_stride apart. The regularised sequence's products use it too.
 void panel_products(const float* const* x, int64_t batch, int64_t reduction, const float* panels, int64_t columns,
                     float* out, int64_t out_stride, bool accumulate);
+
+// regularised_sequence.cpp of this compile.
+void regularised_sequence_forward(const regularised::SequenceForward& args, int threads);
+void regularised_sequence_backward(const regularised::SequenceBackward& args, int threads);
 }  // namespace CPU_CAPABILITY
 #endif
 

@@ -1015,6 +1015,8 @@ const Kernels table = {
     tanh_units,
     normalise_row,
     layer_norm_backward_row,
+    regularised_sequence_forward,
+    regularised_sequence_backward,
 };
 
 }  // namespace CPU_CAPABILITY
