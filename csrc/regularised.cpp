@@ -353,6 +353,8 @@ RegularisedGrads regularised_sequence_backward(
 
   const std::vector<Step> steps = visiting_order(sizes, reverse);
   const bool fused = takes_fused_recurrence(input, hx);
+  // With layer norm, the fused recurrence's sums for the normalisations' parameters: [10 H].
+  at::Tensor layer_norm_grads;
   // Every row's h-bar, the rows that multiplied W_hh: the fused recurrence writes them as it goes.
   at::Tensor masked_hidden = output_mask[2] ? new_output({total_rows, hidden_size}, options) : at::Tensor();
   if (fused) {
@@ -372,6 +374,8 @@ RegularisedGrads regularised_sequence_backward(
     const at::Tensor grad_cell_states_c = contiguous_or_undefined(grad_cell_states);
     const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
     const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy), grad_cy_c = contiguous_or_undefined(grad_cy);
+    const int threads = fused_threads(batch, hidden_size);
+    at::Tensor layer_norm_grad_sums = layer_norm ? at::zeros({threads, 10 * hidden_size}, options) : at::Tensor();
     cpu::regularised::sequence_backward(
         {fused_options.options, unit_panels.const_data_ptr<float>(), hx_c.const_data_ptr<float>(),
          cx_c.const_data_ptr<float>(), output_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(),
@@ -385,8 +389,12 @@ RegularisedGrads regularised_sequence_backward(
          layer_norm ? grad_hidden_parts.mutable_data_ptr<float>() : nullptr,
          mutable_data_or_null<float>(grad_normalized_cell), grad_hx.mutable_data_ptr<float>(),
          grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(), grad_cell.mutable_data_ptr<float>(),
-         mutable_data_or_null<float>(grad_masked_hidden), mutable_data_or_null<float>(masked_hidden)},
-        fused_threads(batch, hidden_size));
+         mutable_data_or_null<float>(grad_masked_hidden), mutable_data_or_null<float>(masked_hidden),
+         mutable_data_or_null<float>(layer_norm_grad_sums)},
+        threads);
+    if (layer_norm) {
+      layer_norm_grads = layer_norm_grad_sums.sum(0);
+    }
   }
   for (auto step_it = steps.rbegin(); !fused && step_it != steps.rend(); ++step_it) {
     const Step& step = *step_it;
@@ -449,6 +457,13 @@ RegularisedGrads regularised_sequence_backward(
   at::Tensor grad_bias = grad_preactivations.sum(0);
   if (!layer_norm) {
     return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, empty(), empty(), empty(), empty()};
+  }
+  if (layer_norm_grads.defined()) {
+    const int64_t width = 4 * hidden_size;
+    return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias,
+            layer_norm_grads.narrow(0, 0, width).clone(), layer_norm_grads.narrow(0, width, width).clone(),
+            layer_norm_grads.narrow(0, 2 * width, hidden_size).clone(),
+            layer_norm_grads.narrow(0, 2 * width + hidden_size, hidden_size).clone()};
   }
   // The normalisations' scales and shift: reductions over every row.
   return {grad_input,

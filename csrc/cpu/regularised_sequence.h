@@ -99,6 +99,10 @@ struct SequenceBackward {
   // Every row's h_prev * m_r (h_prev without recurrent dropout), the rows that multiplied
   // weight_hh, for its gradient; null: not wanted.
   float* previous_masked_hidden;
+  // Layer norm: [threads, 10 H], zero on entry; thread t adds to row t the sums over the rows it
+  // ran of grad_a x^_ih (4H), grad_a x^_hh (4H), grad_n n^ and grad_n (H each): the normalisations'
+  // parameter gradients once summed over the threads.
+  float* layer_norm_grad_sums;
 };
 void sequence_backward(const SequenceBackward& args, int threads);
 

@@ -303,7 +303,7 @@ void run_forward(const SequenceForward& a, int threads) {
 // the gate pre-activations' gradient, and with layer norm that of LN(c~) (the whole row then).
 // tanh's argument is recomputed from the saved gates (c~) or LN(c~).
 template <bool kLayerNorm>
-void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int64_t end) {
+void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int64_t end, float* grad_sums) {
   const Options& o = a.options;
   const int64_t H = o.hidden_size, width = kGates * H;
   const float* gates = a.gates + r.packed * width;
@@ -376,10 +376,25 @@ void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int6
   });
   if constexpr (kLayerNorm) {
     const float* rstd = a.layer_norm_rstd + r.packed * 3;
-    layer_norm_backward_row(da, o.layer_norm_ih, a.input_part + r.packed * width, rstd[0], width,
-                            a.grad_input_parts + r.packed * width);
-    layer_norm_backward_row(da, o.layer_norm_hh, a.hidden_part + r.packed * width, rstd[1], width,
-                            a.grad_hidden_parts + r.packed * width);
+    const float* input_part = a.input_part + r.packed * width;
+    const float* hidden_part = a.hidden_part + r.packed * width;
+    layer_norm_backward_row(da, o.layer_norm_ih, input_part, rstd[0], width, a.grad_input_parts + r.packed * width);
+    layer_norm_backward_row(da, o.layer_norm_hh, hidden_part, rstd[1], width, a.grad_hidden_parts + r.packed * width);
+    // The scales' and the shift's gradients, while the row is in cache.
+    float* sums_ih = grad_sums;
+    float* sums_hh = grad_sums + width;
+    float* sums_cell_weight = grad_sums + 2 * width;
+    float* sums_cell_bias = sums_cell_weight + H;
+    for_vectors(0, width, [&](int64_t k, const auto& lanes) {
+      const Vec g = ld(da + k, lanes);
+      st(sums_ih + k, fma(g, ld(input_part + k, lanes), ld(sums_ih + k, lanes)), lanes);
+      st(sums_hh + k, fma(g, ld(hidden_part + k, lanes), ld(sums_hh + k, lanes)), lanes);
+    });
+    for_vectors(0, H, [&](int64_t j, const auto& lanes) {
+      const Vec g = ld(grad_normalized + j, lanes);
+      st(sums_cell_weight + j, fma(g, ld(normalized + j, lanes), ld(sums_cell_weight + j, lanes)), lanes);
+      st(sums_cell_bias + j, g + ld(sums_cell_bias + j, lanes), lanes);
+    });
   }
 }
 
@@ -418,6 +433,7 @@ void run_backward(const SequenceBackward& a, int threads) {
     const Share share = share_sequence(batch, H, thread, num_threads);
     const int64_t first = share.first_unit, end = share.end_unit;
     const float* grad_rows[kMaxSequenceBatch];
+    float* grad_sums = layer_norm ? a.layer_norm_grad_sums + thread * 10 * H : nullptr;
     for (int64_t k = o.num_steps - 1; k >= 0; --k) {
       const RecurrenceStep& step = o.steps[k];
       const int64_t rows = share.rows_at(step);
@@ -440,7 +456,8 @@ void run_backward(const SequenceBackward& a, int threads) {
             st(masked + j, r.dropout ? h * ld(r.dropout + j, lanes) : h, lanes);
           });
         }
-        layer_norm ? backward_units<true>(a, r, first_unit, end_unit) : backward_units<false>(a, r, first_unit, end_unit);
+        layer_norm ? backward_units<true>(a, r, first_unit, end_unit, grad_sums)
+                   : backward_units<false>(a, r, first_unit, end_unit, nullptr);
       }
       // The product reads every gate column of this step's gradients.
       if (share.meets_every_step) {
