@@ -14,9 +14,11 @@
 // csrc/cpu/regularised_cell.cpp. Devices and dtypes without those kernels (CUDA, float16, bfloat16)
 // run the differentiable composite of autograd.cpp instead. Layout: PackedSequence's, as sequence.cpp.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "cpu/regularised_sequence.h"
 #include "matmul.h"
 #include "ops.h"
 #include "regularised.h"
@@ -109,6 +111,86 @@ void dispatch_regularised_gate_grads_(
           grad_normalized_cell);
 }
 
+// float32 batches of at most 64 on a CPU with vector kernels run the fused recurrence of
+// cpu/regularised_sequence.h, as plain lf.LSTM's run cpu/small_batch.h's (sequence.cpp).
+bool takes_fused_recurrence(const at::Tensor& input, const at::Tensor& hx) {
+  return input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
+}
+
+// The threads of plain lf.LSTM's recurrence at this size (sequence.cpp's rule).
+int fused_threads(int64_t batch, int64_t hidden_size) {
+  return cpu::small_batch::threads_for(batch * 4 * hidden_size * hidden_size, at::get_num_threads());
+}
+
+// The fused recurrence's view of one layer and direction's options, holding the contiguous
+// tensors it points into.
+struct FusedOptions {
+  std::vector<at::Tensor> held;
+  cpu::regularised::Options options;
+
+  FusedOptions(const std::vector<Step>& steps, int64_t hidden_size, const std::optional<at::Tensor>& layer_norm_ih,
+               const std::optional<at::Tensor>& layer_norm_hh, const std::optional<at::Tensor>& layer_norm_cell_weight,
+               const std::optional<at::Tensor>& layer_norm_cell_bias,
+               const std::optional<at::Tensor>& recurrent_dropout_mask,
+               const std::optional<at::Tensor>& zoneout_cell_mask,
+               const std::optional<at::Tensor>& zoneout_hidden_mask, double zoneout_cell, double zoneout_hidden) {
+    const auto data = [&](const std::optional<at::Tensor>& t) -> const float* {
+      held.push_back(contiguous_or_undefined(t));
+      return data_or_null<float>(held.back());
+    };
+    options = {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, data(layer_norm_ih),
+               data(layer_norm_hh), data(layer_norm_cell_weight), data(layer_norm_cell_bias),
+               data(recurrent_dropout_mask), data(zoneout_cell_mask), data(zoneout_hidden_mask),
+               static_cast<float>(zoneout_cell), static_cast<float>(zoneout_hidden)};
+  }
+};
+
+// The forward through the fused recurrence: the input's product for every step at once, the
+// recurrent weight packed once, then one kernel call for the whole sequence.
+RegularisedOutputs fused_forward(
+    const at::Tensor& input, const std::vector<Step>& steps, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias,
+    const FusedOptions& fused) {
+  namespace small_batch = cpu::small_batch;
+  const bool layer_norm = fused.options.layer_norm_ih != nullptr;
+  const int64_t total_rows = input.size(0), hidden_size = weight_hh.size(1), batch = hx.size(0);
+  const auto options = input.options();
+  const at::Tensor weight_hh_c = weight_hh.contiguous();
+  at::Tensor gate_panels = at::empty({small_batch::gate_panels_size(hidden_size, hidden_size)}, options);
+  small_batch::pack_gate_panels(weight_hh_c.const_data_ptr<float>(), hidden_size, hidden_size,
+                                gate_panels.mutable_data_ptr<float>());
+  // Without layer norm the recurrent product adds to x W_ih^T + both biases; with it, the two
+  // products are normalised apart and kept for backward.
+  at::Tensor input_part = layer_norm ? linear_product(input, weight_ih, std::nullopt).contiguous()
+                                     : at::empty({0, 4 * hidden_size}, options);
+  at::Tensor hidden_part = new_output({layer_norm ? total_rows : 0, 4 * hidden_size}, options);
+  at::Tensor gates = layer_norm ? new_output({total_rows, 4 * hidden_size}, options)
+                                : linear_product(input, weight_ih, bias).contiguous();
+  at::Tensor output = new_output({total_rows, hidden_size}, options);
+  at::Tensor cell_states = new_output({total_rows, hidden_size}, options);
+  at::Tensor hy = new_output({batch, hidden_size}, options);
+  at::Tensor cy = new_output({batch, hidden_size}, options);
+  at::Tensor normalized_cell = new_output({layer_norm ? total_rows : 0, hidden_size}, options);
+  at::Tensor layer_norm_rstd = new_output({layer_norm ? total_rows : 0, 3}, options);
+  // Every row's h * m_r, then h_0 * m_r: what the recurrent products read.
+  at::Tensor masked_hidden;
+  if (fused.options.recurrent_dropout_mask != nullptr) {
+    masked_hidden = new_output({total_rows + batch, hidden_size}, options);
+    at::Tensor masked_hx = masked_hidden.narrow(0, total_rows, batch);
+    at::mul_out(masked_hx, hx, fused.held[4]);  // held[4]: the mask, contiguous
+  }
+  const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
+  const at::Tensor bias_c = contiguous_or_undefined(bias);
+  cpu::regularised::sequence_forward(
+      {fused.options, gate_panels.const_data_ptr<float>(), data_or_null<float>(bias_c), hx_c.const_data_ptr<float>(),
+       cx_c.const_data_ptr<float>(), mutable_data_or_null<float>(input_part), mutable_data_or_null<float>(hidden_part),
+       gates.mutable_data_ptr<float>(), output.mutable_data_ptr<float>(), cell_states.mutable_data_ptr<float>(),
+       hy.mutable_data_ptr<float>(), cy.mutable_data_ptr<float>(), mutable_data_or_null<float>(normalized_cell),
+       mutable_data_or_null<float>(layer_norm_rstd), mutable_data_or_null<float>(masked_hidden)},
+      fused_threads(batch, hidden_size));
+  return {output, hy, cy, cell_states, gates, input_part, hidden_part, normalized_cell, layer_norm_rstd};
+}
+
 RegularisedOutputs regularised_sequence_forward(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& hx, const at::Tensor& cx,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
@@ -137,6 +219,13 @@ RegularisedOutputs regularised_sequence_forward(
     bias = *bias_ih + *bias_hh;
   } else if (bias_ih.has_value() || bias_hh.has_value()) {
     bias = bias_ih.has_value() ? *bias_ih : *bias_hh;
+  }
+  if (takes_fused_recurrence(input, hx)) {
+    const std::vector<Step> steps = visiting_order(sizes, reverse);
+    const FusedOptions fused(steps, hidden_size, layer_norm_ih, layer_norm_hh, layer_norm_cell_weight,
+                             layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask, zoneout_hidden_mask,
+                             zoneout_cell, zoneout_hidden);
+    return fused_forward(input, steps, hx, cx, weight_ih, weight_hh, bias, fused);
   }
   // Every step's input product at once; with layer norm it is normalised in place and kept.
   at::Tensor input_part = linear_product(input, weight_ih, std::nullopt).contiguous();
@@ -263,7 +352,51 @@ RegularisedGrads regularised_sequence_backward(
   const at::Tensor weight_hh_t = weight_hh.t();
 
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  for (auto step_it = steps.rbegin(); step_it != steps.rend(); ++step_it) {
+  const bool fused = takes_fused_recurrence(input, hx);
+  // With layer norm, the fused recurrence's sums for the normalisations' parameters: [10 H].
+  at::Tensor layer_norm_grads;
+  // Every row's h-bar, the rows that multiplied W_hh: the fused recurrence writes them as it goes.
+  at::Tensor masked_hidden = output_mask[2] ? new_output({total_rows, hidden_size}, options) : at::Tensor();
+  if (fused) {
+    namespace small_batch = cpu::small_batch;
+    const FusedOptions fused_options(steps, hidden_size, layer_norm_ih, layer_norm_hh, layer_norm_cell_weight,
+                                     layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask,
+                                     zoneout_hidden_mask, zoneout_cell, zoneout_hidden);
+    const at::Tensor weight_hh_c = weight_hh.contiguous();
+    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(4 * hidden_size, hidden_size)}, options);
+    small_batch::pack_unit_panels(weight_hh_c.const_data_ptr<float>(), 4 * hidden_size, hidden_size,
+                                  unit_panels.mutable_data_ptr<float>());
+    const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous(), output_c = output.contiguous();
+    const at::Tensor cell_states_c = cell_states.contiguous(), gates_c = gates.contiguous();
+    const at::Tensor input_part_c = input_part.contiguous(), hidden_part_c = hidden_part.contiguous();
+    const at::Tensor normalized_cell_c = normalized_cell.contiguous(), rstd_c = layer_norm_rstd.contiguous();
+    const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);
+    const at::Tensor grad_cell_states_c = contiguous_or_undefined(grad_cell_states);
+    const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
+    const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy), grad_cy_c = contiguous_or_undefined(grad_cy);
+    const int threads = fused_threads(batch, hidden_size);
+    at::Tensor layer_norm_grad_sums = layer_norm ? at::zeros({threads, 10 * hidden_size}, options) : at::Tensor();
+    cpu::regularised::sequence_backward(
+        {fused_options.options, unit_panels.const_data_ptr<float>(), hx_c.const_data_ptr<float>(),
+         cx_c.const_data_ptr<float>(), output_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(),
+         gates_c.const_data_ptr<float>(), layer_norm ? input_part_c.const_data_ptr<float>() : nullptr,
+         layer_norm ? hidden_part_c.const_data_ptr<float>() : nullptr,
+         layer_norm ? normalized_cell_c.const_data_ptr<float>() : nullptr,
+         layer_norm ? rstd_c.const_data_ptr<float>() : nullptr, data_or_null<float>(grad_output_c),
+         data_or_null<float>(grad_cell_states_c), data_or_null<float>(grad_gates_c), data_or_null<float>(grad_hy_c),
+         data_or_null<float>(grad_cy_c), grad_preactivations.mutable_data_ptr<float>(),
+         layer_norm ? grad_input_parts.mutable_data_ptr<float>() : nullptr,
+         layer_norm ? grad_hidden_parts.mutable_data_ptr<float>() : nullptr,
+         mutable_data_or_null<float>(grad_normalized_cell), grad_hx.mutable_data_ptr<float>(),
+         grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(), grad_cell.mutable_data_ptr<float>(),
+         mutable_data_or_null<float>(grad_masked_hidden), mutable_data_or_null<float>(masked_hidden),
+         mutable_data_or_null<float>(layer_norm_grad_sums)},
+        threads);
+    if (layer_norm) {
+      layer_norm_grads = layer_norm_grad_sums.sum(0);
+    }
+  }
+  for (auto step_it = steps.rbegin(); !fused && step_it != steps.rend(); ++step_it) {
     const Step& step = *step_it;
     add_incoming_grads(step, grad_output, grad_hy, grad_cy, grad_cell_states, grad_hidden, grad_cell);
     at::Tensor step_grad_hidden = grad_hidden.narrow(0, 0, step.batch);
@@ -301,9 +434,7 @@ RegularisedGrads regularised_sequence_backward(
   at::Tensor grad_weight_ih = empty(), grad_weight_hh = empty();
   bool have_grad_weight_ih = false;
   if (output_mask[2]) {
-    // Every row's h-bar, the rows that multiplied W_hh.
-    at::Tensor masked_hidden = new_output({total_rows, hidden_size}, options);
-    for (const Step& step : steps) {
+    for (const Step& step : fused ? std::vector<Step>() : steps) {
       at::Tensor rows = masked_hidden.narrow(0, step.offset, step.batch);
       if (recurrent_dropout_mask.has_value()) {
         at::mul_out(rows, previous_rows(output, hx, step), recurrent_dropout_mask->narrow(0, 0, step.batch));
@@ -326,6 +457,13 @@ RegularisedGrads regularised_sequence_backward(
   at::Tensor grad_bias = grad_preactivations.sum(0);
   if (!layer_norm) {
     return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, empty(), empty(), empty(), empty()};
+  }
+  if (layer_norm_grads.defined()) {
+    const int64_t width = 4 * hidden_size;
+    return {grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias,
+            layer_norm_grads.narrow(0, 0, width).clone(), layer_norm_grads.narrow(0, width, width).clone(),
+            layer_norm_grads.narrow(0, 2 * width, hidden_size).clone(),
+            layer_norm_grads.narrow(0, 2 * width + hidden_size, hidden_size).clone()};
   }
   // The normalisations' scales and shift: reductions over every row.
   return {grad_input,

@@ -531,3 +531,123 @@ def test_flop_counts_are_the_products(helpers):
         outputs[0].sum().backward()
     # grad input, grad W_ih, every step's grad h and grad W_hh: twice the forward's products.
     assert counter.get_total_flops() == 2 * forward
+
+
+# --- the fused float32 recurrence (kernels/regularised_sequence.cpp) -----------------------------
+
+CAPABILITIES = lf.supported_cpu_capabilities()
+FUSED_OPTIONS = {
+    "all": OPTIONS["all"],
+    "without_layer_norm": dict(zoneout=(0.2, 0.3), recurrent_dropout=0.25, weight_drop=0.3),
+}
+
+
+@pytest.fixture(params=CAPABILITIES)
+def capability(request):
+    """Each instruction set's kernels ("default" runs the loop of library calls instead)."""
+    previous = ops._set_cpu_capability(request.param)
+    yield request.param
+    ops._set_cpu_capability(previous)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+def replay_in_float64(lstm, states):
+    """The module and the masks of a float32 call in float64, for the reference loop."""
+    states64 = [s._replace(**{f: getattr(s, f).double() for f in s._fields[3:] if getattr(s, f) is not None})
+                for s in states]
+    return in_float64(lstm), states64
+
+
+# (hidden, batch): the tails of every vector width (1, 5, 17, 33, 70 units), a batch of 1 and the
+# largest the path takes; with 2 threads (33, 64) splits the rows, (70, 7) and (520, 2) the units
+# (too few rows; hidden above 512), which with layer norm adds the pass by rows.
+@pytest.mark.parametrize("hidden, batch", [(1, 1), (5, 7), (17, 16), (33, 64), (70, 7), (520, 2)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("option, training", [("all", True), ("without_layer_norm", True), ("all", False)],
+                         ids=["all-train", "without-layer-norm-train", "all-eval"])
+def test_fused_recurrence_against_float64_reference(helpers, capability, threads, hidden, batch, option, training):
+    lstm = make_lstm(helpers, 3, hidden, torch.float32, bidirectional=True, **FUSED_OPTIONS[option]).train(training)
+    x = helpers.randn(5, batch, 3)
+    hx = tuple(helpers.randn(2, batch, hidden) for _ in range(2))
+    states = []
+
+    def fused_forward(x, hx):
+        output, final, layer_states = lstm(x, hx, return_states=True)
+        states.extend(layer_states)
+        return output, final
+
+    fused = outputs_and_grads(lstm, x, hx, fused_forward)
+    lstm64, states64 = replay_in_float64(lstm, states)
+    expected = outputs_and_grads(lstm64, x.double(), tuple(t.double() for t in hx),
+                                 lambda x, hx: reference.regularised_lstm(lstm64, x, hx, states64 if training else None))
+    # The same formulas as float32 torch ops (the reference loop): where they lose more than the
+    # bound, the kernels may lose up to 4 times as much (the loop of regularised_cell.cpp measured
+    # 2.5x at hidden 1, the gradient of h_0 there 1.6e-6). They do with layer norm of a recurrent
+    # product of few inputs (hidden 1; a row whose recurrent dropout kept few units): LN(h W^T)
+    # then barely depends on h's scale, and h_prev's gradient is a small difference of large terms.
+    loop = outputs_and_grads(lstm, x, hx, lambda x, hx: reference.regularised_lstm(lstm, x, hx, states if training else None))
+    bound = 5e-4 if training else 5e-5
+    for index, (a, e, l) in enumerate(zip(fused, expected, loop, strict=True)):
+        loop_error = helpers.relative_error(l, e)
+        assert helpers.relative_error(a, e) < max(bound, 4 * loop_error), f"output/gradient {index}"
+
+
+@pytest.mark.parametrize("hidden", [17, 70])
+def test_fused_recurrence_packed_replays_per_sequence(helpers, capability, threads, hidden):
+    """A packed float32 batch in training, both directions: each sequence replayed on its own in
+    float64 from its rows of the masks, outputs, final states and the gradients of a loss on all."""
+    lstm = make_lstm(helpers, 3, hidden, torch.float32, bidirectional=True, **OPTIONS["all"]).train()
+    lengths = [5, 3, 5, 1, 4, 2, 3]
+    x = helpers.randn(5, len(lengths), 3, requires_grad=True)
+    output, (h_n, c_n), states = lstm(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False),
+                                      return_states=True)
+    padded, _ = pad_packed_sequence(output)
+    loss_weights = [helpers.randn(*t.shape) for t in (padded, h_n, c_n)]
+    loss = sum((t * w).sum() for t, w in zip((padded, h_n, c_n), loss_weights))
+    grads = torch.autograd.grad(loss, [x, *lstm.parameters()])
+    lstm64, _ = replay_in_float64(lstm, [])
+    x64 = x.detach().double().requires_grad_(True)
+    expected_grads = [torch.zeros_like(g, dtype=torch.float64) for g in grads]
+    for b, length in enumerate(lengths):
+        per_sequence = [
+            lf.LSTMLayerStates(
+                s.gates, s.cell_state, None, s.recurrent_dropout_mask[b:b + 1].double(), s.weight_drop_mask.double(),
+                pad_packed_sequence(s.zoneout_cell_mask)[0][:length, b:b + 1].double(),
+                pad_packed_sequence(s.zoneout_hidden_mask)[0][:length, b:b + 1].double(),
+            )
+            for s in states
+        ]
+        out_b, (h_b, c_b) = reference.regularised_lstm(lstm64, x64[:length, b:b + 1], states=per_sequence)
+        for actual, expected in ((padded[:length, b:b + 1], out_b), (h_n[:, b:b + 1], h_b), (c_n[:, b:b + 1], c_b)):
+            assert helpers.relative_error(actual, expected) < 5e-5
+        loss_b = sum((t * w.double()).sum() for t, w in zip(
+            (out_b, h_b, c_b), (loss_weights[0][:length, b:b + 1], loss_weights[1][:, b:b + 1], loss_weights[2][:, b:b + 1])))
+        grads_b = torch.autograd.grad(loss_b, [x64, *lstm64.parameters()], allow_unused=True)
+        expected_grads = [e if g is None else e + g for e, g in zip(expected_grads, grads_b)]
+    assert_all_close(grads, expected_grads, torch.float32, float32_bound=5e-4)
+
+
+def test_fused_recurrence_is_what_runs(helpers):
+    """float32 at batch <= 64 makes no per-step op call; float64 (and batch 65) keep the loop."""
+    from torch.profiler import profile
+
+    def per_step_calls(dtype, batch):
+        lstm = lf.LSTM(3, 8, dtype=dtype, **OPTIONS["all"]).train()
+        x = helpers.randn(4, batch, 3, dtype=dtype, requires_grad=True)
+        with profile() as prof:
+            output, (h_n, c_n) = lstm(x)
+            (output.sum() + h_n.sum()).backward()
+        return sum(e.count for e in prof.key_averages()
+                   if e.key in ("lstm_fused::regularised_pointwise_", "lstm_fused::regularised_gate_grads_"))
+
+    if lf.cpu_capability() != "default":
+        assert per_step_calls(torch.float32, 64) == 0
+    assert per_step_calls(torch.float32, 65) == 8
+    assert per_step_calls(torch.float64, 4) == 8

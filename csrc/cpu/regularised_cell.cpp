@@ -4,6 +4,8 @@
 // once; for float the exp and tanh loops, most of the cost, run over kernels/vec.h's Vec through
 // the per-instruction-set table (kernels/regularised_units.cpp), and the scalar loop finishes each
 // row. The row reductions of layer norm are why a row, not a unit range, is the unit of work.
+// The float32 batches small_batch.h takes run instead the fused recurrence of
+// regularised_sequence.h, whose entry points are at the end of this file.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -322,6 +324,18 @@ void regularised_gate_grads_cpu(
 }
 
 }  // namespace
+
+namespace cpu {
+namespace regularised {
+// The fused recurrence (regularised_sequence.h) of the instruction set capability.cpp chose.
+void sequence_forward(const SequenceForward& args, int threads) {
+  kernels().regularised_sequence_forward(args, threads);
+}
+void sequence_backward(const SequenceBackward& args, int threads) {
+  kernels().regularised_sequence_backward(args, threads);
+}
+}  // namespace regularised
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(lstm_fused, CPU, m) {
   m.impl("regularised_pointwise_", &regularised_pointwise_cpu);

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../cell_units.h"
+#include "../regularised_sequence.h"
 #include "../small_batch.h"
 
 namespace lstm_fused {
@@ -83,6 +84,9 @@ struct Kernels {
   NormaliseRowFn* normalise_row;
   LayerNormBackwardRowFn* layer_norm_backward_row;
 
+  // regularised_sequence.h's entries (kernels/regularised_sequence.cpp).
+  void (*regularised_sequence_forward)(const regularised::SequenceForward& args, int threads);
+  void (*regularised_sequence_backward)(const regularised::SequenceBackward& args, int threads);
   // small_batch.h's bfloat16 and float16 recurrence, its 16-bit panels (pair_products.h); null
   // where this instruction set has no vector conversion for the dtypes (the portable path).
   // native_bfloat16: the products on AVX512-BF16, which only has_native_bfloat16 tables can use.
@@ -114,6 +118,15 @@ TanhUnitsFn tanh_units;
 NormaliseRowFn normalise_row;
 LayerNormBackwardRowFn layer_norm_backward_row;
 
+// small_batch.cpp of this compile: out[b, c] (+)= sum over k < reduction of x_b[k] w[k, c] for
+// batch rows x[0 .. batch) and the `columns` columns whose panels (pack_*_panels' layout) start at
+// `panels`; out rows out_stride apart. The regularised sequence's products use it too.
+void panel_products(const float* const* x, int64_t batch, int64_t reduction, const float* panels, int64_t columns,
+                    float* out, int64_t out_stride, bool accumulate);
+
+// regularised_sequence.cpp of this compile.
+void regularised_sequence_forward(const regularised::SequenceForward& args, int threads);
+void regularised_sequence_backward(const regularised::SequenceBackward& args, int threads);
 #if defined(CPU_CAPABILITY_AVX512)
 // bfloat16_products.cpp of this compile: pair_products.h's products on AVX512-BF16 (only where the
 // CPU has it).

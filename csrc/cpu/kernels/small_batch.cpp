@@ -411,6 +411,8 @@ void panel_columns(
   }
 }
 
+}  // namespace
+
 // out[b, c] (+)= sum over k < reduction of x_b[k] w[k, c], for the `columns` columns whose panels
 // start at `panels`.
 void panel_products(
@@ -445,6 +447,8 @@ void panel_products(
                               columns - column, accumulate);
   }
 }
+
+namespace {
 
 // grad_weight[r, k] (+)= sum over kBatch rows of g[b, r] x_b[k], for rows [first_row, end_row):
 // each row's kBatch factors broadcast once, then one pass along the row.
@@ -1079,6 +1083,8 @@ const Kernels table = {
     tanh_units,
     normalise_row,
     layer_norm_backward_row,
+    regularised_sequence_forward,
+    regularised_sequence_backward,
     pair_panels_size,
     kHasPairProducts ? pack_pair_panels<BFloat16Bits> : nullptr,
     kHasPairProducts ? pack_pair_panels<HalfBits> : nullptr,
