@@ -442,6 +442,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sequence_
   return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4]};
 }
 
+// sequence_inference: the op itself where no gradient can be asked of it; sequence_forward's autograd
+// (and, under the torch.func transforms and forward-mode AD, its composite) otherwise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_inference_autograd(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse,
+    const std::optional<at::Tensor>& weight_hr) {
+  const std::initializer_list<const at::Tensor*> tensors{
+      &input, &hx, &cx, &weight_ih, &weight_hh, pointer_or_null(bias_ih), pointer_or_null(bias_hh),
+      pointer_or_null(weight_hr)};
+  const bool wants_grad = at::GradMode::is_enabled() && std::any_of(tensors.begin(), tensors.end(), [](const at::Tensor* t) {
+    return t != nullptr && t->defined() && t->requires_grad();
+  });
+  if (wants_grad || runs_composite(tensors)) {
+    const auto [output, hy, cy, cell_states, gates] =
+        sequence_forward_autograd(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
+    return {output, hy, cy};
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lstm_fused::sequence_inference", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
+}
+
 SequenceGrads sequence_backward_autograd(
     const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy,
@@ -471,6 +505,7 @@ SequenceGrads sequence_backward_autograd(
 TORCH_LIBRARY_IMPL(lstm_fused, Autograd, m) {
   m.impl("cell_forward", &cell_forward_autograd);
   m.impl("sequence_forward", &sequence_forward_autograd);
+  m.impl("sequence_inference", &sequence_inference_autograd);
   m.impl("sequence_backward", &sequence_backward_autograd);
 }
 

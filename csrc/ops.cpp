@@ -403,6 +403,13 @@ TORCH_LIBRARY(lstm_fused, m) {
       "sequence_forward(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse, Tensor? weight_hr=None) -> "
       "(Tensor output, Tensor hy, Tensor cy, Tensor cell_states, Tensor gates)");
+  // sequence_forward without cell_states and gates, for calls that need neither backward nor the
+  // states: on the CPU it projects the input a few steps at a time instead of all at once.
+  // Differentiable (through sequence_forward where a gradient is wanted).
+  m.def(
+      "sequence_inference(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, bool reverse, Tensor? weight_hr=None) -> "
+      "(Tensor output, Tensor hy, Tensor cy)");
   // Backpropagation through time for sequence_forward; output_mask as cell_backward's. grad_weight_hr
   // is computed whenever weight_hr is given (one product over all steps), else empty.
   m.def(

@@ -13,6 +13,8 @@ namespace lstm_fused {
 
 // output, hy, cy, cell_states, gates: sequence_forward's outputs.
 using SequenceForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// output, hy, cy: sequence_inference's (sequence_forward's without what only backward reads).
+using SequenceInferenceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr:
 // sequence_backward's.
 using SequenceBackwardOutputs =

@@ -107,6 +107,13 @@ def _sequence_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bia
     )
 
 
+@torch.library.register_fake("lstm_fused::sequence_inference")
+def _sequence_inference_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
+                             weight_hr=None):
+    return _sequence_forward_fake(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
+                                  weight_hr)[:3]
+
+
 def _gradients_like(output_mask, input, hx, cx, weight_ih, weight_hh):
     """The backward ops' outputs: a gradient shaped like each of input, hx, cx, weight_ih,
     weight_hh and the bias where output_mask asks for it, an empty tensor where not."""
@@ -152,6 +159,11 @@ def _sequence_forward_flops(input, batch_sizes, hx, cx, weight_ih, weight_hh, bi
     # columns are proj_size with a projection), and with weight_hr where there is one.
     return _product_flops(input[0], weight_ih[0], input[1], weight_hh[1], 1, 1) + _projection_flops(
         input[0], weight_hr, 1)
+
+
+@register_flop_formula(ops.sequence_inference)
+def _sequence_inference_flops(*args, out_shape=None, **kwargs):
+    return _sequence_forward_flops(*args, **kwargs)
 
 
 @register_flop_formula(ops.cell_backward)

@@ -170,6 +170,7 @@ def lstm_layers(
     bidirectional: bool = False,
     dropout: float = 0.0,
     training: bool = False,
+    need_states: bool = True,
 ):
     """nn.LSTM's stack of layers over a sequence in PackedSequence layout, one op call per layer
     and direction.
@@ -184,7 +185,9 @@ def lstm_layers(
 
     Returns ``(output, h_n, c_n, states)``: output [rows, num_directions * hidden_size] (proj_size
     with projections), and for each layer and direction (same index as weights) a pair
-    (cell_states [rows, hidden_size], gates [rows, 4 * hidden_size] activated, i f g o)."""
+    (cell_states [rows, hidden_size], gates [rows, 4 * hidden_size] activated, i f g o). With
+    ``need_states=False`` states is empty: where nothing asks for a gradient, the layers then run
+    the op that keeps neither (on the CPU it projects the input a few steps at a time)."""
     num_directions = 2 if bidirectional else 1
     num_layers = len(weights) // num_directions
     device_type = _kernel_device_type(data)
@@ -201,13 +204,15 @@ def lstm_layers(
             x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = _cast_to_autocast_dtype(
                 [layer_input, h_0[index], c_0[index], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr], device_type
             )
-            output, h_last, c_last, cell_states, gates = ops.sequence_forward(
-                x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1, w_hr
-            )
+            args = (x, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, direction == 1, w_hr)
+            if need_states or (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)):
+                output, h_last, c_last, cell_states, gates = ops.sequence_forward(*args)
+                states.append((cell_states, gates))
+            else:
+                output, h_last, c_last = ops.sequence_inference(*args)
             direction_outputs.append(output)
             h_n.append(h_last)
             c_n.append(c_last)
-            states.append((cell_states, gates))
         layer_output = direction_outputs[0] if num_directions == 1 else torch.cat(direction_outputs, dim=1)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_output = F.dropout(layer_output, dropout, training=True)

@@ -374,6 +374,7 @@ class LSTM(nn.LSTM):
                     bidirectional=self.bidirectional,
                     dropout=self.dropout,
                     training=self.training,
+                    need_states=return_states,
                 )
 
         def like_output(rows: Tensor):
