@@ -21,6 +21,10 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+
 #include "sequence.h"
 
 #include "cpu/small_batch.h"

@@ -978,3 +978,61 @@ def test_projected_float32_takes_tf32_tensor_cores_only_when_allowed(emu, revers
                                  relative_error(hy, expected_h), relative_error(cy, expected_c))
     assert errors[False] <= 1e-5, f"float32 without TF32: relative error {errors[False]:.2e}"
     assert 1e-6 < errors[True] <= 5e-3, f"float32 with TF32: relative error {errors[True]:.2e}"
+
+
+# sequence_inference (lf.LSTM's forward where neither backward nor return_states reads the states):
+# the same persistent kernels without the gate writes, c kept in two slots ([2, B, H], step t in
+# slot t % 2). Its outputs must be sequence_forward's exactly (the same arithmetic in the same
+# order); the loop where the persistent path refuses (packed lengths).
+INFERENCE_SHAPES = [(5, 3, 7, 5), (4, 17, 16, 33), (3, 70, 3, 12), (6, 16, 4, 48), (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("steps,batch,input_size,hidden_size", INFERENCE_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
+)
+def test_sequence_inference_on_the_persistent_kernels(emu, dtype, steps, batch, input_size, hidden_size, reverse):
+    lstm, x, h0, c0, weights = lstm_case(steps, batch, input_size, hidden_size, dtype)
+    args = (x.reshape(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, *weights, reverse, False,
+            MAX_SHARED, MAX_BLOCKS)
+    *inference, path = emu.sequence_inference(*args)
+    assert path == expected_path(dtype, hidden_size)
+    *forward, forward_path = emu.sequence_forward(*args)
+    assert forward_path == path
+    for name, actual, expected in zip(("output", "h_n", "c_n"), inference, forward[:3]):
+        assert torch.equal(actual, expected), f"{name} differs from sequence_forward's"
+    (expected_output, expected_h, expected_c), _ = reference_sequence(lstm, x, h0, c0, reverse)
+    for name, actual, expected in [
+        ("output", inference[0].view(steps, batch, hidden_size), expected_output), ("h_n", inference[1], expected_h),
+        ("c_n", inference[2], expected_c),
+    ]:
+        error = relative_error(actual, expected)
+        assert error <= VALUE_TOLERANCE[dtype], f"{name} relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("proj_size", [1, 3, 16])
+def test_sequence_inference_with_a_projection(emu, reverse, proj_size):
+    steps, batch, input_size, hidden_size = 4, 6, 5, 20
+    weights, x, h0, c0 = projected_case(steps, batch, input_size, hidden_size, proj_size, torch.float64)
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    args = (x.reshape(steps * batch, input_size), full_batch_sizes(steps, batch), h0, c0, w_ih, w_hh, b_ih, b_hh,
+            reverse, False, MAX_SHARED, MAX_BLOCKS, w_hr)
+    *inference, path = emu.sequence_inference(*args)
+    assert path == PERSISTENT
+    *forward, _ = emu.sequence_forward(*args)
+    for actual, expected in zip(inference, forward[:3]):
+        assert torch.equal(actual, expected)
+
+
+def test_sequence_inference_of_packed_lengths_takes_the_loop(emu):
+    lstm, x, h0, c0, weights = lstm_case(4, 3, 5, 6, torch.float64)
+    batch_sizes = torch.tensor([3, 3, 2, 1])
+    rows = int(batch_sizes.sum())
+    args = (x.reshape(12, 5)[:rows].contiguous(), batch_sizes, h0, c0, *weights, True, False, MAX_SHARED, MAX_BLOCKS)
+    *inference, path = emu.sequence_inference(*args)
+    assert path == LOOP
+    *forward, _ = emu.sequence_forward(*args)
+    for actual, expected in zip(inference, forward[:3]):
+        assert torch.equal(actual, expected)

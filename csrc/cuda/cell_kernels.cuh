@@ -861,7 +861,14 @@ struct SequenceShape {
   // The width of the recurrent state h: proj_size with a projection (h_t = W_hr (o * tanh(c_t))),
   // else hidden_size. The K of the recurrent product.
   int64_t output_size;
+  // Steps of c the forward's cell_states holds: 0, every step ([T, B, H], what backward reads);
+  // 2 for sequence_inference, step t's c in slot t % 2 (a step reads only its predecessor's).
+  int64_t cell_state_slots = 0;
 };
+
+__device__ __forceinline__ int64_t cell_state_slot(const SequenceShape& shape, int64_t t) {
+  return shape.cell_state_slots > 0 ? t % shape.cell_state_slots : t;
+}
 
 struct SequencePlan {
   int64_t blocks;
@@ -1002,7 +1009,8 @@ __device__ __forceinline__ SequenceProjection<scalar_t> load_sequence_projection
 }
 
 // Visit s of the forward: the step t it computes, and the state it starts from (hx, cx at the
-// first visit, else the previous visit's rows of output [T, B, P] and cell_states [T, B, H]).
+// first visit, else the previous visit's rows of output [T, B, P] and cell_states [T, B, H], or
+// its slot of cell_states [2, B, H] for sequence_inference).
 template <typename scalar_t>
 struct SequenceVisit {
   int64_t t;
@@ -1017,7 +1025,7 @@ __device__ __forceinline__ SequenceVisit<scalar_t> sequence_visit(
   const int64_t t = shape.reverse ? shape.steps - 1 - s : s;
   const int64_t t_prev = shape.reverse ? t + 1 : t - 1;
   return {t, s == 0 ? hx : output + t_prev * shape.batch * shape.output_size,
-          s == 0 ? cx : cell_states + t_prev * shape.batch * shape.hidden_size};
+          s == 0 ? cx : cell_states + cell_state_slot(shape, t_prev) * shape.batch * shape.hidden_size};
 }
 
 // The cell update of one (row, unit) at visit s from its four pre-activations, and its writes: c
@@ -1051,7 +1059,7 @@ __device__ __forceinline__ void finish_sequence_unit(
   } else {
     output[visit.t * B * H + state_offset] = h_new;
   }
-  cell_states[visit.t * B * H + state_offset] = c_new;
+  cell_states[cell_state_slot(shape, visit.t) * B * H + state_offset] = c_new;
   if (gates != nullptr) {
     scalar_t* gate_row = gates + (visit.t * B + row) * 4 * H + unit;
     gate_row[0] = static_cast<scalar_t>(step.gates.input);

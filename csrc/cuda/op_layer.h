@@ -105,10 +105,10 @@ inline at::Tensor project_inputs(
 // activated gates, so sequence_backward (either path) reads what it expects. With a weight_hr
 // (proj_size P > 0) output and hy are the projected states [.., P], and the kernel projects each
 // step in place (one more grid barrier per step; W_hr's rows resident in shared memory, counted in
-// the plan's shared bytes and so in the occupancy check). The gates are written
-// under no_grad too, for the reason lstm_cell.cu's cell_forward gives: the schema returns them (lf.LSTM's
-// return_states reads them) and the op cannot see whether anyone will; the kernels take a null
-// gates pointer for the day the schema lets the caller say so.
+// the plan's shared bytes and so in the occupancy check). Without keep_states (sequence_inference:
+// neither backward nor lf.LSTM's return_states will read them) no gates are written and
+// cell_states holds two steps ([2 * B, H], step t in slot t % 2); the outputs' cell_states and gates
+// are then not the loop's and only output, hy and cy are returned to the caller.
 // The caller has checked the arguments (check_sequence_forward_args) and excluded autocast.
 template <typename Device>
 std::optional<ForwardOutputs> persistent_sequence_forward(
@@ -124,7 +124,8 @@ std::optional<ForwardOutputs> persistent_sequence_forward(
     bool reverse,
     bool allow_tf32,
     const std::optional<at::Tensor>& weight_hr,
-    SequencePath* path) {
+    SequencePath* path,
+    bool keep_states = true) {
   const int64_t steps = static_cast<int64_t>(batch_sizes.size());
   const int64_t batch = hx.size(0);
   const int64_t hidden_size = weight_hh.size(0) / 4;
@@ -148,8 +149,8 @@ std::optional<ForwardOutputs> persistent_sequence_forward(
     const int64_t rows = steps * batch;
     const at::Tensor projected = project_inputs(input, weight_ih, bias_ih, bias_hh);
     at::Tensor output = device.new_output({rows, output_size}, options);
-    at::Tensor cell_states = device.new_output({rows, hidden_size}, options);
-    at::Tensor gates = device.new_output({rows, 4 * hidden_size}, options);
+    at::Tensor cell_states = device.new_output({keep_states ? rows : 2 * batch, hidden_size}, options);
+    at::Tensor gates = keep_states ? device.new_output({rows, 4 * hidden_size}, options) : at::Tensor();
     at::Tensor hy = device.new_output({batch, output_size}, options);
     at::Tensor cy = device.new_output({batch, hidden_size}, options);
     // o * tanh(c) of the step being visited, between the cell update and the projection.
@@ -161,11 +162,12 @@ std::optional<ForwardOutputs> persistent_sequence_forward(
     const SequencePointers<scalar_t> pointers{
         projected.const_data_ptr<scalar_t>(), weight_hh_c.const_data_ptr<scalar_t>(), hx_c.const_data_ptr<scalar_t>(),
         cx_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), cell_states.mutable_data_ptr<scalar_t>(),
-        gates.mutable_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
-        weight_hr_c.defined() ? weight_hr_c.const_data_ptr<scalar_t>() : nullptr,
+        gates.defined() ? gates.mutable_data_ptr<scalar_t>() : nullptr, hy.mutable_data_ptr<scalar_t>(),
+        cy.mutable_data_ptr<scalar_t>(), weight_hr_c.defined() ? weight_hr_c.const_data_ptr<scalar_t>() : nullptr,
         unprojected.defined() ? unprojected.mutable_data_ptr<scalar_t>() : nullptr};
     launch_persistent_sequence<scalar_t>(
-        pointers, SequenceShape{steps, batch, hidden_size, reverse, output_size}, plan, device.stream());
+        pointers, SequenceShape{steps, batch, hidden_size, reverse, output_size, keep_states ? 0 : 2}, plan,
+        device.stream());
     *path = plan.tensor_cores ? SequencePath::kPersistentTensorCores : SequencePath::kPersistent;
     result = ForwardOutputs{output, hy, cy, cell_states, gates};
   });
@@ -309,6 +311,41 @@ ForwardOutputs sequence_forward_op(
     }
   }
   return device.forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
+}
+
+// The sequence_inference op: output, hy and cy as sequence_forward_op computes them, on the
+// persistent kernels without the gates and with two steps of c; the loop where those refuse.
+template <typename Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_inference_op(
+    const Device& device,
+    SequencePath* path,
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse,
+    bool allow_tf32,
+    const std::optional<at::Tensor>& weight_hr) {
+  const std::vector<int64_t> sizes =
+      device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
+  *path = SequencePath::kLoop;
+  {
+    const typename Device::Guard guard(input.device());
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    if (auto outputs = persistent_sequence_forward(
+            device, input, sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, allow_tf32, weight_hr,
+            path, /*keep_states=*/false)) {
+      const auto& [output, hy, cy, cell_states, gates] = *outputs;
+      return {output, hy, cy};
+    }
+  }
+  const auto [output, hy, cy, cell_states, gates] =
+      device.forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
+  return {output, hy, cy};
 }
 
 // The sequence_backward op, as sequence_forward_op.

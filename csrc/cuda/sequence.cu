@@ -1,4 +1,4 @@
-// The CUDA kernels of the sequence ops (sequence_forward / sequence_backward, the ops lf.LSTM calls
+// The CUDA kernels of the sequence ops (sequence_forward / sequence_inference / sequence_backward, the ops lf.LSTM calls
 // per layer and direction): the persistent kernels of cell_kernels.cuh where the call allows them
 // (a padded batch, weights that fit in a block's shared memory, a grid that can be co-resident;
 // with or without a projection), else the device-independent loop of csrc/sequence.cpp, whose per-step products and
@@ -110,6 +110,23 @@ SequenceForwardOutputs sequence_forward_cuda(
       at::globalContext().allowTF32CuBLAS(), weight_hr);
 }
 
+SequenceInferenceOutputs sequence_inference_cuda(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse,
+    const std::optional<at::Tensor>& weight_hr) {
+  cuda::SequencePath path;
+  return cuda::sequence_inference_op(
+      Gpu{}, &path, input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
+      at::globalContext().allowTF32CuBLAS(), weight_hr);
+}
+
 SequenceBackwardOutputs sequence_backward_cuda(
     const std::optional<at::Tensor>& grad_output,
     const std::optional<at::Tensor>& grad_hy,
@@ -138,6 +155,7 @@ SequenceBackwardOutputs sequence_backward_cuda(
 
 TORCH_LIBRARY_IMPL(lstm_fused, CUDA, m) {
   m.impl("sequence_forward", &sequence_forward_cuda);
+  m.impl("sequence_inference", &sequence_inference_cuda);
   m.impl("sequence_backward", &sequence_backward_cuda);
 }
 

@@ -322,6 +322,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> 
   return {output, hy, cy, cell_states, gates, static_cast<int64_t>(path)};
 }
 
+// The sequence_inference op as sequence.cu registers it for CUDA (op_layer.h's
+// sequence_inference_op): output, hy, cy and which path ran, as sequence_forward above.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> sequence_inference(
+    const at::Tensor& input,
+    const at::Tensor& batch_sizes,
+    const at::Tensor& hx,
+    const at::Tensor& cx,
+    const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh,
+    bool reverse,
+    bool allow_tf32,
+    int64_t max_shared_bytes,
+    int64_t max_blocks,
+    const std::optional<at::Tensor>& weight_hr) {
+  kernels::SequencePath path;
+  auto [output, hy, cy] = kernels::sequence_inference_op(
+      emulation(max_shared_bytes, max_blocks), &path, input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih,
+      bias_hh, reverse, allow_tf32, weight_hr);
+  return {output, hy, cy, static_cast<int64_t>(path)};
+}
+
 // The sequence_backward op as sequence.cu registers it for CUDA. Returns the op's gradients (the
 // seventh, weight_hr's, empty without a projection) and which path ran (0 the loop, 1 the
 // persistent kernel).
@@ -427,6 +450,11 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool allow_tf32, int max_shared_bytes, int max_blocks, "
       "Tensor? weight_hr=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, int)",
       &sequence_forward);
+  m.def(
+      "sequence_inference(Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, bool reverse, bool allow_tf32, int max_shared_bytes, int max_blocks, "
+      "Tensor? weight_hr=None) -> (Tensor, Tensor, Tensor, int)",
+      &sequence_inference);
   m.def(
       "sequence_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor? grad_cell_states, "
       "Tensor? grad_gates, Tensor input, Tensor batch_sizes, Tensor hx, Tensor cx, Tensor weight_ih, "

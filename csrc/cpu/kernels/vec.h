@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../cell_units.h"
 
@@ -115,6 +116,10 @@ inline Vec operator-(Vec a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); 
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
 inline Vec exp_(Vec x) { return Sleef_expf8_u10avx2(x.v); }
 inline Vec tanh_(Vec x) { return Sleef_tanhf8_u35avx2(x.v); }
+// 1 / x to at least 12 bits.
+inline Vec reciprocal_estimate(Vec x) { return _mm256_rcp_ps(x.v); }
+// x limited to [lo, hi]; NaN stays NaN (min and max return their second operand on NaN).
+inline Vec clamp(Vec x, float lo, float hi) { return _mm256_max_ps(_mm256_set1_ps(lo), _mm256_min_ps(_mm256_set1_ps(hi), x.v)); }
 // Makes v a register value: without it GCC folds a vector used by two FMAs into both as a memory
 // operand, loading it twice, and a dot-product loop becomes load-bound.
 inline void keep_in_register(Vec& x) { asm("" : "+x"(x.v)); }
@@ -157,6 +162,8 @@ inline Vec operator-(Vec a) {
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
 inline Vec exp_(Vec x) { return Sleef_expf16_u10avx512f(x.v); }
 inline Vec tanh_(Vec x) { return Sleef_tanhf16_u35avx512f(x.v); }
+inline Vec reciprocal_estimate(Vec x) { return _mm512_rcp14_ps(x.v); }
+inline Vec clamp(Vec x, float lo, float hi) { return _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), x.v)); }
 inline void keep_in_register(Vec& x) { asm("" : "+v"(x.v)); }
 
 // The two halves added: 8 lanes.
@@ -200,6 +207,12 @@ inline Vec operator-(Vec a) { return vnegq_f32(a.v); }
 inline Vec fma(Vec a, Vec b, Vec c) { return vfmaq_f32(c.v, a.v, b.v); }
 inline Vec exp_(Vec x) { return Sleef_expf4_u10advsimd(x.v); }
 inline Vec tanh_(Vec x) { return Sleef_tanhf4_u35advsimd(x.v); }
+// vrecpe's 8 bits and one of NEON's own refinement steps: 16.
+inline Vec reciprocal_estimate(Vec x) {
+  const float32x4_t estimate = vrecpeq_f32(x.v);
+  return vmulq_f32(estimate, vrecpsq_f32(x.v, estimate));
+}
+inline Vec clamp(Vec x, float lo, float hi) { return vmaxq_f32(vdupq_n_f32(lo), vminq_f32(vdupq_n_f32(hi), x.v)); }  // NaN kept
 inline void keep_in_register(Vec& x) { asm("" : "+w"(x.v)); }
 inline float sum(Vec x) { return vaddvq_f32(x.v); }
 inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
@@ -270,6 +283,12 @@ inline Vec tanh_(Vec x) {
   x.store(lanes);
   for (float& e : lanes) e = std::tanh(e);
   return Vec::load(lanes);
+}
+inline Vec reciprocal_estimate(Vec x) { return Vec(1.0f) / x; }
+inline Vec clamp(Vec x, float lo, float hi) {
+  Vec r;
+  for (int64_t i = 0; i < Vec::kWidth; ++i) r.v[i] = x.v[i] < lo ? lo : (x.v[i] > hi ? hi : x.v[i]);  // NaN kept
+  return r;
 }
 #endif
 
@@ -384,15 +403,58 @@ inline void widen_pairs(const HalfBits* p, Vec& even, Vec& odd) {
 }
 #endif
 
+// The arithmetic of values stored in bfloat16 or float16: Vec's, with the activations only as
+// exact as those dtypes keep (8 and 11 bits): no Sleef tanh (5 times its exp's cost; with the
+// divisions, the cell math took about as long as the step's bfloat16 products at B = 64, H = 128
+// on an AMD EPYC Zen 4) but a rational function within 4e-7 of tanh, and reciprocals by estimate
+// and one Newton step (24 bits) instead of divisions. float32 storage keeps Vec's exact
+// functions: there the backward reads 1 - tanh^2 and sigma (1 - sigma) near saturation, where one
+// ulp of the activation is a large share of the derivative, and must agree with nn's.
+struct ReducedVec {
+  Vec v;
+  ReducedVec() = default;
+  ReducedVec(Vec x) : v(x) {}
+  ReducedVec(float broadcast) : v(broadcast) {}
+  explicit operator Vec() const { return v; }
+};
+inline ReducedVec operator+(ReducedVec a, ReducedVec b) { return a.v + b.v; }
+inline ReducedVec operator-(ReducedVec a, ReducedVec b) { return a.v - b.v; }
+inline ReducedVec operator*(ReducedVec a, ReducedVec b) { return a.v * b.v; }
+inline ReducedVec operator-(ReducedVec a) { return -a.v; }
+inline ReducedVec fma(ReducedVec a, ReducedVec b, ReducedVec c) { return fma(a.v, b.v, c.v); }
+inline Vec reciprocal(Vec x) {
+  const Vec estimate = reciprocal_estimate(x);
+  return estimate * fma(-x, estimate, Vec(2.0f));
+}
+inline ReducedVec operator/(ReducedVec a, ReducedVec b) { return a.v * reciprocal(b.v); }
+inline ReducedVec exp_(ReducedVec x) { return exp_(x.v); }
+// tanh as an odd degree-13 over even degree-6 rational function of x clamped to [-9, 9] (the fit
+// Eigen and ONNX Runtime's MLAS use; 3.3 float32 ulps at most).
+inline ReducedVec tanh_(ReducedVec x) {
+  const Vec clamped = clamp(x.v, -9.0f, 9.0f);
+  const Vec square = clamped * clamped;
+  Vec numerator = fma(square, Vec(-2.76076847742355e-16f), Vec(2.00018790482477e-13f));
+  numerator = fma(square, numerator, Vec(-8.60467152213735e-11f));
+  numerator = fma(square, numerator, Vec(5.12229709037114e-08f));
+  numerator = fma(square, numerator, Vec(1.48572235717979e-05f));
+  numerator = fma(square, numerator, Vec(6.37261928875436e-04f));
+  numerator = fma(square, numerator, Vec(4.89352455891786e-03f));
+  Vec denominator = fma(square, Vec(1.19825839466702e-06f), Vec(1.18534705686654e-04f));
+  denominator = fma(square, denominator, Vec(2.26843463243900e-03f));
+  denominator = fma(square, denominator, Vec(4.89352518554385e-03f));
+  return clamped * numerator * reciprocal(denominator);
+}
+
 // The lanes policy cell_units.h's loops run with: Vec::kWidth units at a time, stored as Storage
-// (float, BFloat16Bits or HalfBits) and computed in float.
+// (float, BFloat16Bits or HalfBits) and computed in float (ReducedVec's activations for the 16-bit
+// dtypes).
 template <typename Storage>
 struct VecLanesOf {
   using storage = Storage;
-  using value = Vec;
+  using value = std::conditional_t<std::is_same_v<Storage, float>, Vec, ReducedVec>;
   static constexpr int64_t width = Vec::kWidth;
   static value load(const storage* p) { return load_widened(p); }
-  static void store(storage* p, value v) { store_narrowed(p, v); }
+  static void store(storage* p, value v) { store_narrowed(p, Vec(v)); }
 };
 using VecLanes = VecLanesOf<float>;
 
