@@ -10,9 +10,10 @@
 // d_c, d_h: the zoneout masks' rows (training) or the zoneout probabilities (evaluation).
 //
 // The loop is sequence.cpp's: products through matmul.h, then one pass per step of the device op
-// regularised_pointwise_ (forward) or regularised_gate_grads_ (backward), whose CPU kernels are
-// csrc/cpu/regularised_cell.cpp. Devices and dtypes without those kernels (CUDA, float16, bfloat16)
-// run the differentiable composite of autograd.cpp instead. Layout: PackedSequence's, as sequence.cpp.
+// regularised_pointwise_ (forward) or regularised_gate_grads_ (backward), whose kernels are
+// csrc/cpu/regularised_cell.cpp (CPU: float32, float64) and csrc/cuda/regularised.cu (CUDA: also
+// float16, bfloat16). Devices and dtypes without those kernels (the CPU's float16 and bfloat16,
+// other devices) run the differentiable composite of autograd.cpp instead. Layout: PackedSequence's, as sequence.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -112,9 +113,11 @@ void dispatch_regularised_gate_grads_(
 }
 
 // float32 batches of at most 64 on a CPU with vector kernels run the fused recurrence of
-// cpu/regularised_sequence.h, as plain lf.LSTM's run cpu/small_batch.h's (sequence.cpp).
+// cpu/regularised_sequence.h, as plain lf.LSTM's run cpu/small_batch.h's (sequence.cpp). CUDA
+// tensors run the loop with the CUDA kernels.
 bool takes_fused_recurrence(const at::Tensor& input, const at::Tensor& hx) {
-  return input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
+  return input.device().is_cpu() && input.scalar_type() == at::kFloat &&
+         cpu::small_batch::handles_sequence(hx.size(0));
 }
 
 // The threads of plain lf.LSTM's recurrence at this size (sequence.cpp's rule).
@@ -300,7 +303,8 @@ RegularisedGrads regularised_sequence_backward(
       layer_norm_cell_weight, layer_norm_cell_bias, recurrent_dropout_mask, zoneout_cell_mask, zoneout_hidden_mask));
   TORCH_CHECK(
       regularised_has_fused_kernel(input),
-      "lstm_fused::regularised_sequence_backward has a kernel for float32 and float64 CPU tensors only, got ",
+      "lstm_fused::regularised_sequence_backward has kernels for float32 and float64 CPU tensors and float32, "
+      "float64, float16 and bfloat16 CUDA tensors only, got ",
       input.scalar_type(), " on ", input.device(), "; elsewhere the forward runs as differentiable ATen ops");
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool layer_norm = layer_norm_ih.has_value();
@@ -480,8 +484,15 @@ RegularisedGrads regularised_sequence_backward(
 
 }  // namespace
 
+// The CPU kernels (cpu/regularised_cell.cpp) take float32 and float64; the CUDA ones
+// (cuda/regularised.cu) also float16 and bfloat16, computing in float.
 bool regularised_has_fused_kernel(const at::Tensor& input) {
-  return input.device().is_cpu() && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+  const at::ScalarType dtype = input.scalar_type();
+  const bool float_or_double = dtype == at::kFloat || dtype == at::kDouble;
+  if (input.device().is_cpu()) {
+    return float_or_double;
+  }
+  return input.device().is_cuda() && (float_or_double || dtype == at::kHalf || dtype == at::kBFloat16);
 }
 
 std::vector<int64_t> check_regularised_args(const std::vector<at::Tensor>& args) {

@@ -25,11 +25,12 @@ std::vector<int64_t> check_regularised_args(const std::vector<at::Tensor>& args)
 // regularised_sequence_forward from differentiable ATen ops, outputs in the op's order (output,
 // hy, cy, cell_states, gates, input_part, hidden_part, normalized_cell, layer_norm_rstd). For double
 // backward, the torch.func transforms, forward-mode AD and every device or dtype without a fused
-// kernel (CUDA; float16 and bfloat16). Defined in autograd.cpp.
+// kernel (the CPU's float16 and bfloat16; devices other than the CPU and CUDA). Defined in autograd.cpp.
 std::vector<at::Tensor> regularised_sequence_composite(
     const std::vector<at::Tensor>& args, double zoneout_cell, double zoneout_hidden, bool reverse);
 
-// Whether the fused loop (CPU kernels, float32 and float64) runs these tensors.
+// Whether the fused loop runs these tensors: the CPU's kernels (float32, float64) or CUDA's
+// (float32, float64, float16, bfloat16).
 bool regularised_has_fused_kernel(const at::Tensor& input);
 
 }  // namespace lstm_fused

@@ -6,6 +6,8 @@
 // row. The row reductions of layer norm are why a row, not a unit range, is the unit of work.
 // The float32 batches small_batch.h takes run instead the fused recurrence of
 // regularised_sequence.h, whose entry points are at the end of this file.
+// The per-unit formulas are regularised_cell_math.h's, which the CUDA kernels share
+// (csrc/cuda/regularised_kernels.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,13 +16,13 @@
 #include <cmath>
 #include <vector>
 
-#include "../lstm_cell_math.h"
+#include "../regularised_cell_math.h"
 #include "kernels/kernels.h"
 
 namespace lstm_fused {
 namespace {
 
-constexpr double kLayerNormEpsilon = 1e-5;
+using math::kLayerNormEpsilon;
 
 template <typename T>
 const T* data_or_null(const std::optional<at::Tensor>& t) {
@@ -35,13 +37,12 @@ T normalise_in_place(T* v, int64_t n) {
     mean += v[k];
   }
   mean /= T(n);
-  T variance = 0;
+  T sum_squares = 0;
   for (int64_t k = 0; k < n; ++k) {
     const T centred = v[k] - mean;
-    variance += centred * centred;
+    sum_squares += centred * centred;
   }
-  variance /= T(n);
-  const T rstd = T(1) / std::sqrt(variance + T(kLayerNormEpsilon));
+  const T rstd = math::layer_norm_rstd(sum_squares, T(n));
   for (int64_t k = 0; k < n; ++k) {
     v[k] = (v[k] - mean) * rstd;
   }
@@ -60,7 +61,7 @@ void layer_norm_backward(const T* grad, const T* gamma, const T* x_hat, T rstd, 
   }
   const T mean = sum / T(n), mean_x_hat = sum_x_hat / T(n);
   for (int64_t k = 0; k < n; ++k) {
-    out[k] = rstd * (grad[k] * gamma[k] - mean - x_hat[k] * mean_x_hat);
+    out[k] = math::layer_norm_input_grad(rstd, grad[k] * gamma[k], mean, x_hat[k], mean_x_hat);
   }
 }
 
@@ -156,13 +157,13 @@ void forward_rows(
       }
       // Activations; c-tilde (the un-zoned new cell state) goes to c for now.
       for (int64_t j = vector_activations(g, c_prev, c, H); j < H; ++j) {
-        const T i = math::sigmoid(g[j]), f = math::sigmoid(g[H + j]);
-        const T cand = math::tanh_(g[2 * H + j]), o = math::sigmoid(g[3 * H + j]);
-        g[j] = i;
-        g[H + j] = f;
-        g[2 * H + j] = cand;
-        g[3 * H + j] = o;
-        c[j] = f * c_prev[j] + i * cand;
+        const auto unit =
+            math::regularised_activation(math::Gates<T>{g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev[j]);
+        g[j] = unit.gates.input;
+        g[H + j] = unit.gates.forget;
+        g[2 * H + j] = unit.gates.cell;
+        g[3 * H + j] = unit.gates.output;
+        c[j] = unit.cell_tilde;
       }
       T* n_hat = nullptr;
       if (layer_norm) {
@@ -176,8 +177,8 @@ void forward_rows(
       for (int64_t j = 0; j < H; ++j) {
         const T h_new = g[3 * H + j] * tanh_n[j];
         const T d_c = zc ? zc[j] : T(zoneout_cell), d_h = zh ? zh[j] : T(zoneout_hidden);
-        c[j] = d_c * c_prev[j] + (T(1) - d_c) * c[j];
-        h[j] = d_h * h_prev[j] + (T(1) - d_h) * h_new;
+        c[j] = math::zoneout(d_c, c_prev[j], c[j]);
+        h[j] = math::zoneout(d_h, h_prev[j], h_new);
       }
     }
   });
@@ -254,19 +255,17 @@ void backward_rows(
       T sum_dy = 0, sum_dy_n_hat = 0;
       if (!layer_norm) {
         for (int64_t j = 0; j < H; ++j) {
-          c_new_row[j] = g[H + j] * c_prev[j] + g[j] * g[2 * H + j];
+          c_new_row[j] = math::cell_tilde(math::Gates<T>{g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev[j]);
         }
       }
       tanh_of_normalised(layer_norm, g_c, b_c, n_hat, c_new_row.data(), H, tanh_n.data());
       for (int64_t j = 0; j < H; ++j) {
-        const T o = g[3 * H + j];
-        const T tn = tanh_n[j];
         const T d_h = zh ? zh[j] : T(zoneout_hidden);
-        const T grad_h_new = (T(1) - d_h) * gh[j];
-        gh[j] = d_h * gh[j];
-        const T grad_o = grad_h_new * tn + (gg ? gg[3 * H + j] : T(0));
-        da[3 * H + j] = grad_o * o * (T(1) - o);
-        dn[j] = grad_h_new * o * (T(1) - tn * tn);
+        const auto unit =
+            math::regularised_hidden_backward(g[3 * H + j], tanh_n[j], d_h, gh[j], gg ? gg[3 * H + j] : T(0));
+        gh[j] = unit.grad_hidden_prev;
+        da[3 * H + j] = unit.grad_output_preact;
+        dn[j] = unit.grad_normalized;
         if (layer_norm) {
           const T dy = dn[j] * g_c[j];
           sum_dy += dy;
@@ -277,17 +276,16 @@ void backward_rows(
       const T mean_dy = sum_dy / T(H), mean_dy_n_hat = sum_dy_n_hat / T(H);
       // Pass 2: c-tilde's gradient, then c_prev's and the other gates'.
       for (int64_t j = 0; j < H; ++j) {
-        const T i = g[j], f = g[H + j], cand = g[2 * H + j];
-        T grad_c_new = layer_norm ? rstd_c * (dn[j] * g_c[j] - mean_dy - n_hat[j] * mean_dy_n_hat) : dn[j];
+        const T grad_from_h =
+            layer_norm ? math::layer_norm_input_grad(rstd_c, dn[j] * g_c[j], mean_dy, n_hat[j], mean_dy_n_hat) : dn[j];
         const T d_c = zc ? zc[j] : T(zoneout_cell);
-        grad_c_new += (T(1) - d_c) * gc[j];
-        gc[j] = d_c * gc[j] + f * grad_c_new;
-        const T grad_i = grad_c_new * cand + (gg ? gg[j] : T(0));
-        const T grad_f = grad_c_new * c_prev[j] + (gg ? gg[H + j] : T(0));
-        const T grad_g = grad_c_new * i + (gg ? gg[2 * H + j] : T(0));
-        da[j] = grad_i * i * (T(1) - i);
-        da[H + j] = grad_f * f * (T(1) - f);
-        da[2 * H + j] = grad_g * (T(1) - cand * cand);
+        const auto unit = math::regularised_cell_backward(
+            math::Gates<T>{g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev[j], d_c, grad_from_h, gc[j],
+            gg ? gg[j] : T(0), gg ? gg[H + j] : T(0), gg ? gg[2 * H + j] : T(0));
+        gc[j] = unit.grad_cell_prev;
+        da[j] = unit.grad_input_preact;
+        da[H + j] = unit.grad_forget_preact;
+        da[2 * H + j] = unit.grad_cell_preact;
       }
       if (layer_norm) {
         layer_norm_backward(da, g_ih, x_hat_ih_all + r * 4 * H, rstd_all[r * 3 + 0], 4 * H, dxp_all + r * 4 * H);

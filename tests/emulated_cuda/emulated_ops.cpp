@@ -15,6 +15,7 @@
 // After the emulation, which defines the builtins it uses.
 #include "cuda/cell_kernels.cuh"
 #include "cuda/op_layer.h"
+#include "cuda/regularised_kernels.cuh"
 
 namespace lstm_fused_emulated {
 namespace {
@@ -424,6 +425,82 @@ at::Tensor selftest(const std::string& name, int64_t blocks, int64_t threads) {
   TORCH_CHECK(false, "unknown self-test ", name);
 }
 
+// The regularised step's kernels (regularised_kernels.cuh), with regularised.cu's schemas: the
+// same in-place outputs, which the tests NaN-poison. Inputs must be contiguous.
+void regularised_pointwise_(
+    at::Tensor& input_part, at::Tensor& hidden_part, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& layer_norm_ih, const std::optional<at::Tensor>& layer_norm_hh,
+    const std::optional<at::Tensor>& layer_norm_cell_weight, const std::optional<at::Tensor>& layer_norm_cell_bias,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& zoneout_cell_mask,
+    const std::optional<at::Tensor>& zoneout_hidden_mask, double zoneout_cell, double zoneout_hidden,
+    at::Tensor& gates, at::Tensor& hy, at::Tensor& cy, at::Tensor& normalized_cell, at::Tensor& layer_norm_rstd) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &input_part, &hidden_part, &hx, &cx, &gates, &hy, &cy, &normalized_cell, &layer_norm_rstd}) {
+    check_input(*t, "argument", gates);
+    TORCH_CHECK(t->is_contiguous(), "the emulated ops take contiguous tensors");
+  }
+  const int64_t batch = gates.size(0), hidden_size = hy.size(1);
+  const at::Tensor b = optional_dense(bias), ln_ih = optional_dense(layer_norm_ih);
+  const at::Tensor ln_hh = optional_dense(layer_norm_hh), ln_cw = optional_dense(layer_norm_cell_weight);
+  const at::Tensor ln_cb = optional_dense(layer_norm_cell_bias);
+  const at::Tensor zc = optional_dense(zoneout_cell_mask), zh = optional_dense(zoneout_hidden_mask);
+  if (batch == 0 || hidden_size == 0) {
+    return;
+  }
+  const bool layer_norm = ln_ih.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "emulated_regularised_pointwise", [&] {
+    const kernels::RegularisedForwardPointers<scalar_t> p{
+        input_part.mutable_data_ptr<scalar_t>(), hidden_part.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(b),
+        data_or_null<scalar_t>(ln_ih), data_or_null<scalar_t>(ln_hh), data_or_null<scalar_t>(ln_cw),
+        data_or_null<scalar_t>(ln_cb), hx.const_data_ptr<scalar_t>(), cx.const_data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(zc), data_or_null<scalar_t>(zh), gates.mutable_data_ptr<scalar_t>(),
+        hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
+        layer_norm ? normalized_cell.mutable_data_ptr<scalar_t>() : nullptr,
+        layer_norm ? layer_norm_rstd.mutable_data_ptr<scalar_t>() : nullptr};
+    kernels::launch_regularised_pointwise<scalar_t>(p, batch, hidden_size, zoneout_cell, zoneout_hidden, nullptr);
+  });
+}
+
+void regularised_gate_grads_(
+    at::Tensor& grad_hy, at::Tensor& grad_cy, const std::optional<at::Tensor>& grad_gates, const at::Tensor& gates,
+    const at::Tensor& cx, const std::optional<at::Tensor>& layer_norm_ih,
+    const std::optional<at::Tensor>& layer_norm_hh, const std::optional<at::Tensor>& layer_norm_cell_weight,
+    const std::optional<at::Tensor>& layer_norm_cell_bias, const at::Tensor& input_part,
+    const at::Tensor& hidden_part, const at::Tensor& normalized_cell, const at::Tensor& layer_norm_rstd,
+    const std::optional<at::Tensor>& zoneout_cell_mask, const std::optional<at::Tensor>& zoneout_hidden_mask,
+    double zoneout_cell, double zoneout_hidden, at::Tensor& grad_preactivation, at::Tensor& grad_input_part,
+    at::Tensor& grad_hidden_part, at::Tensor& grad_normalized_cell) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &grad_hy, &grad_cy, &gates, &cx, &input_part, &hidden_part, &normalized_cell, &layer_norm_rstd,
+           &grad_preactivation, &grad_input_part, &grad_hidden_part, &grad_normalized_cell}) {
+    check_input(*t, "argument", gates);
+    TORCH_CHECK(t->is_contiguous(), "the emulated ops take contiguous tensors");
+  }
+  const int64_t batch = gates.size(0), hidden_size = cx.size(1);
+  const at::Tensor gg = optional_dense(grad_gates), ln_ih = optional_dense(layer_norm_ih);
+  const at::Tensor ln_hh = optional_dense(layer_norm_hh), ln_cw = optional_dense(layer_norm_cell_weight);
+  const at::Tensor ln_cb = optional_dense(layer_norm_cell_bias);
+  const at::Tensor zc = optional_dense(zoneout_cell_mask), zh = optional_dense(zoneout_hidden_mask);
+  if (batch == 0 || hidden_size == 0) {
+    return;
+  }
+  const bool layer_norm = ln_ih.defined();
+  const auto saved = [&](const at::Tensor& t) { return layer_norm ? t : at::Tensor(); };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "emulated_regularised_gate_grads", [&] {
+    const kernels::RegularisedBackwardPointers<scalar_t> p{
+        grad_hy.mutable_data_ptr<scalar_t>(), grad_cy.mutable_data_ptr<scalar_t>(), data_or_null<scalar_t>(gg),
+        gates.const_data_ptr<scalar_t>(), cx.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(ln_ih),
+        data_or_null<scalar_t>(ln_hh), data_or_null<scalar_t>(ln_cw), data_or_null<scalar_t>(ln_cb),
+        data_or_null<scalar_t>(saved(input_part)), data_or_null<scalar_t>(saved(hidden_part)),
+        data_or_null<scalar_t>(saved(normalized_cell)), data_or_null<scalar_t>(saved(layer_norm_rstd)),
+        data_or_null<scalar_t>(zc), data_or_null<scalar_t>(zh), grad_preactivation.mutable_data_ptr<scalar_t>(),
+        layer_norm ? grad_input_part.mutable_data_ptr<scalar_t>() : nullptr,
+        layer_norm ? grad_hidden_part.mutable_data_ptr<scalar_t>() : nullptr,
+        layer_norm ? grad_normalized_cell.mutable_data_ptr<scalar_t>() : nullptr};
+    kernels::launch_regularised_gate_grads<scalar_t>(p, batch, hidden_size, zoneout_cell, zoneout_hidden, nullptr);
+  });
+}
+
 // cuda_emulation::Error (a std::runtime_error) reaches Python as a RuntimeError with its message.
 
 }  // namespace
@@ -463,6 +540,20 @@ TORCH_LIBRARY(lstm_fused_emulated, m) {
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)",
       &sequence_backward);
   m.def("selftest(str name, int blocks, int threads) -> Tensor", &selftest);
+  m.def(
+      "regularised_pointwise_(Tensor(a!) input_part, Tensor(b!) hidden_part, Tensor? bias, Tensor? layer_norm_ih, "
+      "Tensor? layer_norm_hh, Tensor? layer_norm_cell_weight, Tensor? layer_norm_cell_bias, Tensor hx, Tensor cx, "
+      "Tensor? zoneout_cell_mask, Tensor? zoneout_hidden_mask, float zoneout_cell, float zoneout_hidden, "
+      "Tensor(c!) gates, Tensor(d!) hy, Tensor(e!) cy, Tensor(f!) normalized_cell, Tensor(g!) layer_norm_rstd) -> ()",
+      &regularised_pointwise_);
+  m.def(
+      "regularised_gate_grads_(Tensor(a!) grad_hy, Tensor(b!) grad_cy, Tensor? grad_gates, Tensor gates, Tensor cx, "
+      "Tensor? layer_norm_ih, Tensor? layer_norm_hh, Tensor? layer_norm_cell_weight, Tensor? layer_norm_cell_bias, "
+      "Tensor input_part, Tensor hidden_part, Tensor normalized_cell, Tensor layer_norm_rstd, "
+      "Tensor? zoneout_cell_mask, Tensor? zoneout_hidden_mask, float zoneout_cell, float zoneout_hidden, "
+      "Tensor(c!) grad_preactivation, Tensor(d!) grad_input_part, Tensor(e!) grad_hidden_part, "
+      "Tensor(f!) grad_normalized_cell) -> ()",
+      &regularised_gate_grads_);
 }
 
 }  // namespace lstm_fused_emulated
