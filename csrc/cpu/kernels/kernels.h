@@ -96,6 +96,13 @@ struct Kernels {
   void (*bfloat16_sequence_forward)(const small_batch::SequenceForwardOf<BFloat16Bits>& args, int threads,
                                     bool native_bfloat16);
   void (*half_sequence_forward)(const small_batch::SequenceForwardOf<HalfBits>& args, int threads);
+  // The 16-bit gate panels: each gate's rows packed on their own (recurrence.h), as the float
+  // gate panels are.
+  int64_t (*pair_gate_panels_size)(int64_t hidden_size, int64_t state_size);
+  void (*pack_bfloat16_pair_gate_panels)(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size,
+                                         BFloat16Bits* panels);
+  void (*pack_half_pair_gate_panels)(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size,
+                                     HalfBits* panels);
   bool has_native_bfloat16;
 };
 
