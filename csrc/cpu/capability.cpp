@@ -215,12 +215,13 @@ std::atomic<bool> native_bfloat16_allowed{true};
 }  // namespace
 
 bool native_bfloat16_products() {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(LSTM_FUSED_KERNELS_AVX512)
+  // Only the avx512 kernels are built with AVX512-BF16's products (bfloat16_products.cpp).
   static const bool cpu_has_avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+  return cpu_has_avx512_bf16 && &kernels() == &AVX512::table && native_bfloat16_allowed.load();
 #else
-  constexpr bool cpu_has_avx512_bf16 = false;
+  return false;
 #endif
-  return cpu_has_avx512_bf16 && kernels().has_native_bfloat16 && native_bfloat16_allowed.load();
 }
 
 int64_t pair_panels_size(int64_t rows, int64_t reduction) {

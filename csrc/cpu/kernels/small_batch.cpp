@@ -1053,11 +1053,6 @@ const Kernels table = {
     gate_panels_size_of<pair_panels_size>,
     kHasPairProducts ? pack_gate_panels_of<BFloat16Bits, pair_panels_size, pack_pair_panels<BFloat16Bits>> : nullptr,
     kHasPairProducts ? pack_gate_panels_of<HalfBits, pair_panels_size, pack_pair_panels<HalfBits>> : nullptr,
-#if defined(CPU_CAPABILITY_AVX512)
-    true,
-#else
-    false,
-#endif
 };
 
 }  // namespace CPU_CAPABILITY
