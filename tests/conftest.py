@@ -1,8 +1,11 @@
-"""Shared fixtures: NaN-poisoned kernel outputs, a per-test seed, and builders for cells with
-identical weights and for random (never zero) inputs.
+"""Shared fixtures: NaN-poisoned kernel outputs, a per-test seed, builders for cells with
+identical weights and for random (never zero) inputs, and the settings a test runs under: torch's
+thread count (threads), the CPU kernels' instruction set (capability) and whether bfloat16 products
+use AVX512-BF16 (native).
 
 pytest runs with --import-mode=importlib, so test files cannot import each other or a helper
 module; the helpers are handed out as fixtures instead."""
+import contextlib
 import zlib
 
 import pytest
@@ -17,6 +20,81 @@ TOLERANCES = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
 }
+
+
+@contextlib.contextmanager
+def _setting(set_returning_previous, value):
+    """value set for the block by a setter that returns the previous value, which is set again
+    on exit."""
+    previous = set_returning_previous(value)
+    try:
+        yield value
+    finally:
+        set_returning_previous(previous)
+
+
+def _set_torch_threads(count):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    return previous
+
+
+def torch_threads(count):
+    """torch's intra-op thread count, for a with block."""
+    return _setting(_set_torch_threads, count)
+
+
+def cpu_capability(name):
+    """The CPU kernels of instruction set `name` (lf.supported_cpu_capabilities()), for a with
+    block."""
+    return _setting(torch.ops.lstm_fused._set_cpu_capability, name)
+
+
+def native_bfloat16_products(allowed):
+    """Whether bfloat16 products may use AVX512-BF16 (where the CPU has it), for a with block."""
+    return _setting(torch.ops.lstm_fused._set_native_bfloat16_products, allowed)
+
+
+# Widest first, "default" (the portable path) last.
+CPU_CAPABILITIES = lf.supported_cpu_capabilities()
+
+
+def _native_bfloat16_settings():
+    """False always (the widened products); True as well where some path of this CPU has
+    AVX512-BF16's dot products."""
+    with native_bfloat16_products(True):
+        has_native = []
+        for name in CPU_CAPABILITIES:
+            with cpu_capability(name):
+                has_native.append(torch.ops.lstm_fused._native_bfloat16_products())
+    return [False, True] if any(has_native) else [False]
+
+
+NATIVE_BFLOAT16_SETTINGS = _native_bfloat16_settings()
+
+
+# The ids are the bare counts: the seed fixture draws each test's inputs from its id.
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """One and two threads (the kernels split rows or units between them); a test may ask for
+    other counts with @pytest.mark.parametrize("threads", [...], indirect=True)."""
+    with torch_threads(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=CPU_CAPABILITIES)
+def capability(request):
+    """Each instruction set's kernels this CPU can run, made current for the test."""
+    with cpu_capability(request.param):
+        assert lf.cpu_capability() == request.param
+        yield request.param
+
+
+@pytest.fixture(params=NATIVE_BFLOAT16_SETTINGS, ids=lambda native: "vdpbf16ps" if native else "widened")
+def native(request):
+    """bfloat16 products widened to float, and where this CPU has them AVX512-BF16's."""
+    with native_bfloat16_products(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +117,9 @@ class Helpers:
     """Builders shared by the test files."""
 
     tolerances = TOLERANCES
+    cpu_capabilities = CPU_CAPABILITIES
+    torch_threads = staticmethod(torch_threads)
+    cpu_capability = staticmethod(cpu_capability)
 
     @staticmethod
     def randn(*shape, dtype=torch.float32, requires_grad=False, scale=1.0):

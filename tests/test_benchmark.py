@@ -186,7 +186,7 @@ def test_on_a_terminal_the_progress_bar_is_redrawn_in_place_with_an_eta():
     assert frames[2].startswith("[" + "#" * benchmark.Progress.WIDTH + "] 2/2") and "ETA 0:00" in frames[2]
 
 
-def test_regularised_benchmark_runs_and_reports(capsys):
+def test_regularised_benchmark_runs_and_reports(helpers, capsys):
     # benchmarks/regularised.py (issue 16) at toy sizes: every option, its table and its summary line.
     from pathlib import Path
 
@@ -194,11 +194,8 @@ def test_regularised_benchmark_runs_and_reports(capsys):
     spec = importlib.util.spec_from_file_location("regularised_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    previous = torch.get_num_threads()
-    try:
+    with helpers.torch_threads(1):  # as main sets it; restored afterwards
         assert module.main(["--hidden", "8", "--batch", "2", "-T", "3", "--threads", "1", "--min-run-time", "0.01"]) == 0
-    finally:
-        torch.set_num_threads(previous)
     report = capsys.readouterr().out
     for option in module.OPTIONS:
         assert f"{option:>18}    8   2" in report

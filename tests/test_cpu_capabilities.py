@@ -19,24 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not sup
 ALL_NAMES = ["avx512", "avx2", "neon", "default"]
 
 
-@pytest.fixture(params=CAPABILITIES)
-def capability(request):
-    previous = torch.ops.lstm_fused._set_cpu_capability(request.param)
-    try:
-        assert lf.cpu_capability() == request.param
-        yield request.param
-    finally:
-        torch.ops.lstm_fused._set_cpu_capability(previous)
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 def test_default_is_the_widest_supported():
     assert CAPABILITIES, "no CPU path at all"
     assert CAPABILITIES[-1] == "default"
@@ -130,11 +112,8 @@ def test_each_path_gives_its_own_results(helpers):
     state = helpers.state(3, 129)
     outputs = {}
     for name in CAPABILITIES:
-        previous = torch.ops.lstm_fused._set_cpu_capability(name)
-        try:
+        with helpers.cpu_capability(name):
             outputs[name] = fused_cell(input, state)[0]
-        finally:
-            torch.ops.lstm_fused._set_cpu_capability(previous)
     assert not torch.equal(outputs[CAPABILITIES[0]], outputs["default"])
     for name in CAPABILITIES:
         helpers.assert_close(outputs[name], outputs["default"])

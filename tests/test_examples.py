@@ -27,13 +27,11 @@ def load_example(name):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(helpers):
     # As the scripts do when run: tiny matrices, and a second thread makes training many times
     # slower whenever something else keeps the other core busy.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with helpers.torch_threads(1):
+        yield
 
 
 def run_example(name, tmp_path, capsys, seed=0):

@@ -177,22 +177,16 @@ def test_float32_past_the_small_batch_path_matches_nn_lstm(onednn):
 # Threads of the small-batch recurrence share a step's hidden units (meeting at one barrier per
 # step) or, from 4 rows a thread, the batch rows (each running its own sequences); one and two
 # threads, with sequences ending at different steps in both directions, some rows of the second
-# thread's share ending before all of the first's.
-@pytest.mark.parametrize("threads", [1, 2])
+# thread's share ending before all of the first's (the threads fixture: 1 and 2).
 @pytest.mark.parametrize("hidden_size", [13, 200])
 @pytest.mark.parametrize(
     "lengths", [[9, 12, 2, 9], [12, 3, 7, 12, 1, 9, 5, 12, 8, 2, 11], [(5 * i) % 12 + 1 for i in range(37)]]
 )
 def test_small_batch_recurrence_threads(threads, hidden_size, lengths):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert_matches_nn_lstm(
-            dict(num_layers=2, bidirectional=True), "packed_unsorted", with_hx=True, atol=1e-5, rtol=1e-5,
-            dtype=torch.float32, num_steps=12, lengths=lengths, sizes=(24, hidden_size),
-        )
-    finally:
-        torch.set_num_threads(previous)
+    assert_matches_nn_lstm(
+        dict(num_layers=2, bidirectional=True), "packed_unsorted", with_hx=True, atol=1e-5, rtol=1e-5,
+        dtype=torch.float32, num_steps=12, lengths=lengths, sizes=(24, hidden_size),
+    )
 
 
 # The sequence loop is device-independent: on a GPU it drives the CUDA cell kernels and cuBLAS.

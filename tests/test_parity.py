@@ -257,20 +257,15 @@ def test_multi_step_sequence(helpers, dtype):
 # Float32 at batch <= 16 takes the CPU's fused small-batch path (csrc/cpu/small_batch.h): AVX2
 # loops whose tails (a width not a multiple of 8, an odd batch, a last row block of 1-3 rows) and
 # thread split (units shared in whole vectors; a second thread from 2^16 multiply-adds) are
-# separate code. These sizes visit each; batch 17 is just past the path.
-@pytest.mark.parametrize("threads", [1, 2])
+# separate code. These sizes visit each (on 1 and 2 threads: the threads fixture); batch 17 is
+# just past the path.
 @pytest.mark.parametrize("batch, input_size, hidden_size", [
     (1, 3, 9), (2, 20, 33), (5, 64, 64), (7, 1, 130), (16, 40, 70), (16, 130, 200), (17, 9, 24),
 ])
 def test_small_batch_path(helpers, batch, input_size, hidden_size, threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        input = helpers.randn(batch, input_size)
-        check_against_both(helpers, input_size, hidden_size, True, torch.float32, input,
-                           helpers.state(batch, hidden_size, torch.float32))
-    finally:
-        torch.set_num_threads(previous)
+    input = helpers.randn(batch, input_size)
+    check_against_both(helpers, input_size, hidden_size, True, torch.float32, input,
+                       helpers.state(batch, hidden_size, torch.float32))
 
 
 @pytest.mark.parametrize("return_gates", [False, True])

@@ -130,20 +130,15 @@ def test_batch_and_hidden_sizes(dtype, batch, hidden_size, proj_size):
 
 # The small-batch recurrence's threads: split by rows (37 sequences at hidden 130, each thread
 # running its own), and by units (4 sequences at hidden 200: the threads meet before the
-# projection and before the recurrent product of every step, forward and backward).
-@pytest.mark.parametrize("threads", [1, 2])
+# projection and before the recurrent product of every step, forward and backward); on 1 and 2
+# threads (the threads fixture).
 @pytest.mark.parametrize("lengths, hidden_size, proj_size", [
     ([(5 * i) % 12 + 1 for i in range(37)], 130, 33), ([12, 3, 7, 9], 200, 99),
 ], ids=["rows", "units"])
 def test_packed_float32_threads(threads, lengths, hidden_size, proj_size):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert_matches_nn_lstm(torch.float32, "packed_unsorted", batch=len(lengths), num_steps=12, lengths=lengths,
-                               input_size=24, hidden_size=hidden_size, num_layers=2, bidirectional=True,
-                               proj_size=proj_size)
-    finally:
-        torch.set_num_threads(previous)
+    assert_matches_nn_lstm(torch.float32, "packed_unsorted", batch=len(lengths), num_steps=12, lengths=lengths,
+                           input_size=24, hidden_size=hidden_size, num_layers=2, bidirectional=True,
+                           proj_size=proj_size)
 
 
 # --- gradcheck, gradgradcheck (the double backward runs through the composite recomputation) ---
@@ -361,14 +356,10 @@ def test_reduced_precision_against_float64(dtype):
     assert ((grad_x_low.double() - grad_x).norm() / grad_x.norm()).item() < 4 * bound
 
 
-def test_threads_owning_features_but_no_units():
+@pytest.mark.parametrize("threads", [16], indirect=True)
+def test_threads_owning_features_but_no_units(threads):
     # Split by units in whole vectors, 16 threads at hidden 600 give threads 13-15 no units, while
     # proj_size 500 rounds to smaller shares and gives thread 13 features [416, 448) (16 lanes;
     # 8 lanes: likewise): that thread still projects, starts and ends its rows' gradients.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(16)
-    try:
-        assert_matches_nn_lstm(torch.float32, "packed_unsorted", batch=4, num_steps=3, lengths=[3, 1, 2, 3],
-                               input_size=8, hidden_size=600, proj_size=500)
-    finally:
-        torch.set_num_threads(previous)
+    assert_matches_nn_lstm(torch.float32, "packed_unsorted", batch=4, num_steps=3, lengths=[3, 1, 2, 3],
+                           input_size=8, hidden_size=600, proj_size=500)

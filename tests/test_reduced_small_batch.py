@@ -32,49 +32,6 @@ DTYPES = [
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
 
-def _native_settings():
-    """False always (the widened products); True where this CPU has AVX512-BF16's dot products."""
-    previous = torch.ops.lstm_fused._set_native_bfloat16_products(True)
-    try:
-        has_native = {}
-        for name in CAPABILITIES:
-            old = torch.ops.lstm_fused._set_cpu_capability(name)
-            has_native[name] = torch.ops.lstm_fused._native_bfloat16_products()
-            torch.ops.lstm_fused._set_cpu_capability(old)
-    finally:
-        torch.ops.lstm_fused._set_native_bfloat16_products(previous)
-    return [False, True] if any(has_native.values()) else [False]
-
-
-NATIVE = _native_settings()
-
-
-@pytest.fixture(params=CAPABILITIES)
-def capability(request):
-    previous = torch.ops.lstm_fused._set_cpu_capability(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.ops.lstm_fused._set_cpu_capability(previous)
-
-
-@pytest.fixture(params=NATIVE, ids=lambda native: "vdpbf16ps" if native else "widened")
-def native(request):
-    previous = torch.ops.lstm_fused._set_native_bfloat16_products(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.ops.lstm_fused._set_native_bfloat16_products(previous)
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 def _lstms(input_size, hidden_size, dtype, proj_size=0):
     """(lf.LSTM, nn.LSTM) in dtype and nn.LSTM in float64, all holding the same dtype-rounded weights."""
     exact = nn.LSTM(input_size, hidden_size, bidirectional=True, proj_size=proj_size, dtype=torch.float64)

@@ -215,19 +215,20 @@ std::atomic<bool> native_bfloat16_allowed{true};
 }  // namespace
 
 bool native_bfloat16_products() {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(LSTM_FUSED_KERNELS_AVX512)
+  // Only the avx512 kernels are built with AVX512-BF16's products (bfloat16_products.cpp).
   static const bool cpu_has_avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+  return cpu_has_avx512_bf16 && &kernels() == &AVX512::table && native_bfloat16_allowed.load();
 #else
-  constexpr bool cpu_has_avx512_bf16 = false;
+  return false;
 #endif
-  return cpu_has_avx512_bf16 && kernels().has_native_bfloat16 && native_bfloat16_allowed.load();
 }
 
 int64_t pair_panels_size(int64_t rows, int64_t reduction) {
   return kernels().pair_panels_size(rows, reduction);
 }
 int64_t pair_gate_panels_size(int64_t hidden_size, int64_t state_size) {
-  return 4 * pair_panels_size(hidden_size, state_size);
+  return kernels().pair_gate_panels_size(hidden_size, state_size);
 }
 void pack_pair_panels(const BFloat16Bits* weight, int64_t rows, int64_t reduction, BFloat16Bits* panels) {
   kernels().pack_bfloat16_pair_panels(weight, rows, reduction, panels);
@@ -236,22 +237,11 @@ void pack_pair_panels(const HalfBits* weight, int64_t rows, int64_t reduction, H
   kernels().pack_half_pair_panels(weight, rows, reduction, panels);
 }
 
-namespace {
-// Each gate's rows packed on their own, so that a vector of units never straddles two gates.
-template <typename T>
-void pack_gates(const T* weight_hh, int64_t hidden_size, int64_t state_size, T* panels) {
-  for (int64_t gate = 0; gate < 4; ++gate) {
-    pack_pair_panels(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
-                     panels + gate * pair_panels_size(hidden_size, state_size));
-  }
-}
-}  // namespace
-
 void pack_pair_gate_panels(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size, BFloat16Bits* panels) {
-  pack_gates(weight_hh, hidden_size, state_size, panels);
+  kernels().pack_bfloat16_pair_gate_panels(weight_hh, hidden_size, state_size, panels);
 }
 void pack_pair_gate_panels(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size, HalfBits* panels) {
-  pack_gates(weight_hh, hidden_size, state_size, panels);
+  kernels().pack_half_pair_gate_panels(weight_hh, hidden_size, state_size, panels);
 }
 void sequence_forward(const SequenceForwardOf<BFloat16Bits>& args, int threads) {
   kernels().bfloat16_sequence_forward(args, threads, native_bfloat16_products());

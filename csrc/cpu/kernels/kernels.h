@@ -89,14 +89,21 @@ struct Kernels {
   void (*regularised_sequence_backward)(const regularised::SequenceBackward& args, int threads);
   // small_batch.h's bfloat16 and float16 recurrence, its 16-bit panels (pair_products.h); null
   // where this instruction set has no vector conversion for the dtypes (the portable path).
-  // native_bfloat16: the products on AVX512-BF16, which only has_native_bfloat16 tables can use.
+  // native_bfloat16: the products on AVX512-BF16, which only the avx512 table can use (and only
+  // where the CPU has it: capability.cpp decides).
   int64_t (*pair_panels_size)(int64_t rows, int64_t reduction);
   void (*pack_bfloat16_pair_panels)(const BFloat16Bits* weight, int64_t rows, int64_t reduction, BFloat16Bits* panels);
   void (*pack_half_pair_panels)(const HalfBits* weight, int64_t rows, int64_t reduction, HalfBits* panels);
   void (*bfloat16_sequence_forward)(const small_batch::SequenceForwardOf<BFloat16Bits>& args, int threads,
                                     bool native_bfloat16);
   void (*half_sequence_forward)(const small_batch::SequenceForwardOf<HalfBits>& args, int threads);
-  bool has_native_bfloat16;
+  // The 16-bit gate panels: each gate's rows packed on their own (recurrence.h), as the float
+  // gate panels are.
+  int64_t (*pair_gate_panels_size)(int64_t hidden_size, int64_t state_size);
+  void (*pack_bfloat16_pair_gate_panels)(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size,
+                                         BFloat16Bits* panels);
+  void (*pack_half_pair_gate_panels)(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size,
+                                     HalfBits* panels);
 };
 
 // The table in use (capability.cpp).

@@ -12,11 +12,11 @@
 // loads and stores: no scalar copy of the formulas compiled for this instruction set.
 #include <algorithm>
 #include <cstring>
-#include <utility>
 
 #include "../regularised_sequence.h"
 #include "../threads.h"
 #include "kernels.h"
+#include "recurrence.h"
 #include "vec.h"
 
 namespace lstm_fused {
@@ -30,7 +30,6 @@ using regularised::SequenceForward;
 using small_batch::kMaxSequenceBatch;
 
 constexpr int64_t kLanes = Vec::kWidth;
-constexpr int64_t kGates = 4;
 constexpr float kLayerNormEpsilon = 1e-5f;
 
 // --- whole and partial vectors through one body ---
@@ -192,31 +191,16 @@ struct Share {
   }
 };
 
-constexpr int64_t kMinRowsPerThread = 4;       // small_batch.cpp's rule and its reasons
-constexpr int64_t kMaxHiddenForRowSplit = 512;
-
-std::pair<int64_t, int64_t> even_share(int64_t n, int64_t granule, int thread, int num_threads) {
-  const int64_t per_thread = ((n + num_threads - 1) / num_threads + granule - 1) / granule * granule;
-  const int64_t first = std::min(n, thread * per_thread);
-  return {first, std::min(n, first + per_thread)};
-}
-
+// By rows or by units as recurrence.h's splits_by_rows says (its team_size assumes the same rule);
+// split by units, layer norm's pass still goes by rows.
 Share share_sequence(int64_t batch, int64_t hidden_size, int thread, int num_threads) {
-  if (num_threads == 1 || (batch >= num_threads * kMinRowsPerThread && hidden_size <= kMaxHiddenForRowSplit)) {
+  if (num_threads == 1 || splits_by_rows(batch, hidden_size, num_threads)) {
     const auto [first_row, end_row] = even_share(batch, 1, thread, num_threads);
     return {0, hidden_size, first_row, end_row, first_row, end_row, false};
   }
   const auto [first, end] = even_share(hidden_size, kLanes, thread, num_threads);
   const auto [first_row, end_row] = even_share(batch, 1, thread, num_threads);
   return {first, end, 0, batch, first_row, end_row, true};
-}
-
-int64_t widest_step(const Options& o) {
-  int64_t batch = 0;
-  for (int64_t k = 0; k < o.num_steps; ++k) {
-    batch = std::max(batch, o.steps[k].batch);
-  }
-  return batch;
 }
 
 int64_t total_rows(const Options& o) {
@@ -227,23 +211,12 @@ int64_t total_rows(const Options& o) {
   return rows;
 }
 
-// A team whose threads must meet needs threads that can (OpenMP); else one thread.
-int team_size(int64_t batch, int64_t hidden_size, int threads) {
-  return !teams_can_meet() && share_sequence(batch, hidden_size, 0, threads).meets_every_step ? 1 : threads;
-}
-
-// The panels of weight_hh's gate `gate` from unit `first` on (pack_gate_panels' layout).
-const float* gate_panels_from(const float* panels, int64_t hidden_size, int64_t gate, int64_t first) {
-  const int64_t panel_count = (hidden_size + kLanes - 1) / kLanes;
-  return panels + (gate * panel_count + first / kLanes) * hidden_size * kLanes;
-}
-
 void run_forward(const SequenceForward& a, int threads) {
   const Options& o = a.options;
   const int64_t H = o.hidden_size, width = kGates * H;
   const bool layer_norm = o.layer_norm_ih != nullptr;
   const bool dropout = o.recurrent_dropout_mask != nullptr;
-  const int64_t batch = widest_step(o), rows_total = total_rows(o);
+  const int64_t batch = widest_step(o.steps, o.num_steps), rows_total = total_rows(o);
   // With recurrent dropout the products read h * m_r: every row's after it is computed, h_0's
   // after all rows.
   const float* masked_hx = dropout ? a.masked_hidden + rows_total * H : nullptr;
@@ -260,17 +233,17 @@ void run_forward(const SequenceForward& a, int threads) {
       }
       const int64_t rows = share.rows_at(step);
       if (rows > 0) {
+        const float* previous = dropout ? a.masked_hidden : a.output;
+        const float* initial = dropout ? masked_hx : a.hx;
         for (int64_t i = 0; i < rows; ++i) {
-          const int64_t b = share.first_row + i;
-          const float* previous = dropout ? a.masked_hidden : a.output;
-          const float* initial = dropout ? masked_hx : a.hx;
-          hidden_prev[i] = b < step.carried ? previous + (step.previous_offset + b) * H : initial + b * H;
+          hidden_prev[i] = state_row(step, share.first_row + i, previous, initial, H);
         }
         // With layer norm the product is normalised on its own: it goes to hidden_part.
         float* out = (layer_norm ? a.hidden_part : a.gates) + (step.offset + share.first_row) * width;
         for (int64_t gate = 0; gate < kGates; ++gate) {
-          panel_products(hidden_prev, rows, H, gate_panels_from(a.gate_panels, H, gate, first), end - first,
-                         out + gate * H + first, width, /*accumulate=*/!layer_norm);
+          const float* panels = gate_panels_from(a.gate_panels, H, H * kLanes, gate, first);
+          panel_products(hidden_prev, rows, H, panels, end - first, out + gate * H + first, width,
+                         /*accumulate=*/!layer_norm);
         }
       }
       int64_t first_row = share.first_row, end_row = share.first_row + rows;
@@ -427,7 +400,7 @@ void run_backward(const SequenceBackward& a, int threads) {
   const bool dropout = o.recurrent_dropout_mask != nullptr;
   // Without zoneout of h the step's own gradient of h_prev is zero: the product overwrites it.
   const bool hidden_carries = o.zoneout_hidden_mask != nullptr || o.zoneout_hidden != 0.0f;
-  const int64_t batch = widest_step(o);
+  const int64_t batch = widest_step(o.steps, o.num_steps);
   threads = team_size(batch, H, threads);
   run_team(threads, [&](int thread, int num_threads) {
     const Share share = share_sequence(batch, H, thread, num_threads);

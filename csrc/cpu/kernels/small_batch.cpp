@@ -11,6 +11,7 @@
 #include "../threads.h"
 #include "kernels.h"
 #include "pair_products.h"
+#include "recurrence.h"
 #include "vec.h"
 
 namespace lstm_fused {
@@ -528,10 +529,7 @@ void outer_product_rows(
 
 // Units after the last full vector go through the same vector code on a zero-padded copy, so the
 // path never runs a scalar formula compiled for this instruction set that a file without it might
-// share.
-constexpr int kGates = 4;
-
-// T: the storage dtype (float; BFloat16Bits and HalfBits for the forward of those dtypes).
+// share. T: the storage dtype (float; BFloat16Bits and HalfBits for the forward of those dtypes).
 template <typename T = float>
 struct PaddedUnitsOf {
   T gates[kGates][kLanes] = {};
@@ -646,10 +644,7 @@ void pointwise_backward(
 
 // The hidden units [first, end) a thread owns: equal shares in whole vectors.
 std::pair<int64_t, int64_t> unit_range(int64_t hidden_size, int thread, int num_threads) {
-  const int64_t per_thread = (hidden_size + num_threads - 1) / num_threads;
-  const int64_t share = (per_thread + kLanes - 1) / kLanes * kLanes;
-  const int64_t first = std::min(hidden_size, thread * share);
-  return {first, std::min(hidden_size, first + share)};
+  return even_share(hidden_size, kLanes, thread, num_threads);
 }
 
 // The rows of 4H-row weights that belong to units [first, end): one range per gate.
@@ -668,10 +663,6 @@ int64_t row_panels_size(int64_t rows, int64_t reduction) {
   return panel_count(rows) * reduction * kLanes;
 }
 
-int64_t gate_panels_size(int64_t hidden_size, int64_t state_size) {
-  return kGates * row_panels_size(hidden_size, state_size);
-}
-
 int64_t unit_panels_size(int64_t rows, int64_t units) {
   return panel_count(units) * rows * kLanes;
 }
@@ -686,14 +677,6 @@ void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float
         to[k * kLanes + lane] = row < rows ? weight[row * reduction + k] : 0.0f;
       }
     }
-  }
-}
-
-void pack_gate_panels(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels) {
-  // Each gate's rows padded on their own, so that a vector of units never straddles two gates.
-  for (int64_t gate = 0; gate < kGates; ++gate) {
-    pack_row_panels(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
-                    panels + gate * row_panels_size(hidden_size, state_size));
   }
 }
 
@@ -752,11 +735,7 @@ void cell_backward_products(const CellBackwardProducts& a, int threads) {
   // No barrier needed: a thread writes its own weight-gradient rows, its own columns of
   // grad_input and grad_hx, and its own share of grad_bias; everything it reads is input.
   run_team(threads, [&](int thread, int num_threads) {
-    const auto share = [&](int64_t n) {
-      const int64_t per_thread = (n + num_threads - 1) / num_threads;
-      const int64_t first = std::min(n, thread * per_thread);
-      return std::pair<int64_t, int64_t>{first, std::min(n, first + per_thread)};
-    };
+    const auto share = [&](int64_t n) { return even_share(n, 1, thread, num_threads); };
     const auto [first_row, end_row] = share(gate_width);
     if (a.grad_weight_ih != nullptr) {
       outer_product_rows(g, gate_width, a.batch, input_rows, a.input_size, first_row, end_row, a.grad_weight_ih);
@@ -805,41 +784,17 @@ struct SequenceShare {
   }
 };
 
-int64_t widest_step(const RecurrenceStep* steps, int64_t num_steps) {
-  int64_t batch = 0;
-  for (int64_t k = 0; k < num_steps; ++k) {
-    batch = std::max(batch, steps[k].batch);
-  }
-  return batch;
-}
-
-// By batch rows where every thread gets enough rows for a panel tile (4) and the whole recurrent
-// weight stays in cache (hidden <= 512: 4 MB): each thread then runs its own sequences'
-// recurrences start to end and never waits on another, where a split by units meets at a barrier
-// every step and reads the other threads' share of the hidden state from their caches. At hidden
-// 1024 every thread streaming all 16 MB of the weight each step costs more than that (2 threads,
-// batch 8: 610 against 470 us a step); at hidden 128-256 and batch 8-16 the split by rows takes
-// 10-40% less time a step than the split by units.
-constexpr int64_t kMinRowsPerThread = 4;
-constexpr int64_t kMaxHiddenForRowSplit = 512;
-
+// By rows or by units as recurrence.h's splits_by_rows says (its team_size assumes the same rule).
 // Split by units, a projection's output features are split the same way (in whole vectors): the
 // projection reads every unit of o * tanh(c), so threads also meet between the cell and it.
 SequenceShare share_sequence(int64_t batch, int64_t hidden_size, int64_t output_size, int thread, int num_threads) {
-  if (num_threads > 1 && batch >= num_threads * kMinRowsPerThread && hidden_size <= kMaxHiddenForRowSplit) {
-    const int64_t per_thread = (batch + num_threads - 1) / num_threads;
-    const int64_t first_row = std::min(batch, thread * per_thread);
-    return {0, hidden_size, 0, output_size, first_row, std::min(batch, first_row + per_thread), false};
+  if (num_threads > 1 && splits_by_rows(batch, hidden_size, num_threads)) {
+    const auto [first_row, end_row] = even_share(batch, 1, thread, num_threads);
+    return {0, hidden_size, 0, output_size, first_row, end_row, false};
   }
   const auto [first, end] = unit_range(hidden_size, thread, num_threads);
   const auto [first_output, end_output] = unit_range(output_size, thread, num_threads);
   return {first, end, first_output, end_output, 0, batch, num_threads > 1};
-}
-
-// A split whose threads meet every step needs threads that wait for each other: where the
-// threading has none (a build without OpenMP), the sequence runs on one thread.
-int team_size(int64_t batch, int64_t hidden_size, int threads) {
-  return !teams_can_meet() && share_sequence(batch, hidden_size, hidden_size, 0, threads).meets_every_step ? 1 : threads;
 }
 
 // The recurrence for storage T: make_products() gives each thread its products,
@@ -868,19 +823,16 @@ void sequence_forward_with(const SequenceForwardOf<T>& a, int threads, PanelSize
       const int64_t rows = share.rows_at(step);
       if (rows > 0) {
         for (int64_t i = 0; i < rows; ++i) {
-          const int64_t b = share.first_row + i;
-          hidden_prev[i] =
-              b < step.carried ? a.output + (step.previous_offset + b) * output_size : a.hx + b * output_size;
+          hidden_prev[i] = state_row<T>(step, share.first_row + i, a.output, a.hx, output_size);
         }
         T* step_gates = a.gates + (step.offset + share.first_row) * gate_width;
         for (int64_t gate = 0; gate < kGates; ++gate) {
-          const T* panels = a.gate_panels + (gate * panel_count(hidden_size) + first / kLanes) * panel_size(output_size);
+          const T* panels = gate_panels_from(a.gate_panels, hidden_size, panel_size(output_size), gate, first);
           panel_products(hidden_prev, rows, output_size, panels, end - first, step_gates + gate * hidden_size + first,
                          gate_width, /*accumulate=*/true);
         }
         for (int64_t b = share.first_row; b < share.first_row + rows; ++b) {
-          const T* cell_prev =
-              b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
+          const T* cell_prev = state_row<T>(step, b, a.cell_states, a.cx, hidden_size);
           const int64_t row = (step.offset + b) * hidden_size;
           // With a projection the cell's o * tanh(c) goes to scratch, the output row is its product.
           T* hidden_next = projecting ? a.unprojected + b * hidden_size : a.output + row;
@@ -1039,8 +991,7 @@ void sequence_backward(const SequenceBackward& a, int threads) {
         const int64_t row = step.offset + b;
         const float* grad_cell_output = projecting ? a.grad_unprojected + b * hidden_size : a.grad_hidden + b * hidden_size;
         float* grad_cell = a.grad_cell + b * hidden_size;
-        const float* cell_prev =
-            b < step.carried ? a.cell_states + (step.previous_offset + b) * hidden_size : a.cx + b * hidden_size;
+        const float* cell_prev = state_row(step, b, a.cell_states, a.cx, hidden_size);
         pointwise_backward(a.gates + row * gate_width, a.grad_gates ? a.grad_gates + row * gate_width : nullptr,
                            cell_prev, a.cell_states + row * hidden_size, grad_cell_output, grad_cell,
                            a.grad_preactivations + row * gate_width, grad_cell, hidden_size, first, end);
@@ -1075,10 +1026,10 @@ void sequence_backward(const SequenceBackward& a, int threads) {
 
 const Kernels table = {
     kCapabilityName,
-    gate_panels_size,
+    gate_panels_size_of<row_panels_size>,
     row_panels_size,
     unit_panels_size,
-    pack_gate_panels,
+    pack_gate_panels_of<float, row_panels_size, pack_row_panels>,
     pack_row_panels,
     pack_unit_panels,
     cell_forward,
@@ -1099,11 +1050,9 @@ const Kernels table = {
     kHasPairProducts ? pack_pair_panels<HalfBits> : nullptr,
     bfloat16_sequence_forward,
     half_sequence_forward,
-#if defined(CPU_CAPABILITY_AVX512)
-    true,
-#else
-    false,
-#endif
+    gate_panels_size_of<pair_panels_size>,
+    kHasPairProducts ? pack_gate_panels_of<BFloat16Bits, pair_panels_size, pack_pair_panels<BFloat16Bits>> : nullptr,
+    kHasPairProducts ? pack_gate_panels_of<HalfBits, pair_panels_size, pack_pair_panels<HalfBits>> : nullptr,
 };
 
 }  // namespace CPU_CAPABILITY

@@ -1,0 +1,103 @@
+// What the fused recurrences (small_batch.cpp's sequences, regularised_sequence.cpp's) share
+// around each step's recurrent product: how a team splits a sequence, the gate panels' layout
+// (written once per call, read every step), and which state row each row of a step multiplies.
+// Internal linkage, for vec.h's reason.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#include "../small_batch.h"
+#include "../threads.h"
+#include "vec.h"
+
+namespace lstm_fused {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kGates = 4;
+
+// --- the team ---
+
+// Items [first, end) of n for thread `thread` of num_threads: equal shares in whole granules
+// (granule 1: rows; a vector's lanes: units, so that no vector straddles two threads).
+inline std::pair<int64_t, int64_t> even_share(int64_t n, int64_t granule, int thread, int num_threads) {
+  const int64_t per_thread = ((n + num_threads - 1) / num_threads + granule - 1) / granule * granule;
+  const int64_t first = std::min(n, thread * per_thread);
+  return {first, std::min(n, first + per_thread)};
+}
+
+// By batch rows where every thread gets enough rows for a panel tile (4) and the whole recurrent
+// weight stays in cache (hidden <= 512: 4 MB): each thread then runs its own sequences'
+// recurrences start to end and never waits on another, where a split by units meets at a barrier
+// every step and reads the other threads' share of the hidden state from their caches. At hidden
+// 1024 every thread streaming all 16 MB of the weight each step costs more than that (2 threads,
+// batch 8: 610 against 470 us a step); at hidden 128-256 and batch 8-16 the split by rows takes
+// 10-40% less time a step than the split by units.
+constexpr int64_t kMinRowsPerThread = 4;
+constexpr int64_t kMaxHiddenForRowSplit = 512;
+
+inline bool splits_by_rows(int64_t batch, int64_t hidden_size, int num_threads) {
+  return batch >= num_threads * kMinRowsPerThread && hidden_size <= kMaxHiddenForRowSplit;
+}
+
+// A split whose threads meet every step (by units, on more than one thread) needs threads that
+// wait for each other: where the threading has none (a build without OpenMP), the sequence runs
+// on one thread.
+inline int team_size(int64_t batch, int64_t hidden_size, int threads) {
+  const bool meets_every_step = threads > 1 && !splits_by_rows(batch, hidden_size, threads);
+  return meets_every_step && !teams_can_meet() ? 1 : threads;
+}
+
+// The most rows any step has: the threads share the rows of the widest.
+inline int64_t widest_step(const RecurrenceStep* steps, int64_t num_steps) {
+  int64_t batch = 0;
+  for (int64_t k = 0; k < num_steps; ++k) {
+    batch = std::max(batch, steps[k].batch);
+  }
+  return batch;
+}
+
+// --- a step's rows ---
+
+// The state row (of `stride` elements) that row b of a step starts from: a row continuing a
+// sequence reads what the step visited before wrote to `previous`, a row starting one its row of
+// `initial`.
+template <typename T>
+inline const T* state_row(const RecurrenceStep& step, int64_t b, const T* previous, const T* initial, int64_t stride) {
+  return b < step.carried ? previous + (step.previous_offset + b) * stride : initial + b * stride;
+}
+
+// --- the gate panels ---
+
+// weight_hh [4 * hidden, state] with each gate's rows packed on their own by PackRows (a [rows,
+// reduction] weight into panels of RowsSize(rows, reduction) elements: small_batch.cpp's float
+// row panels, pair_products.h's 16-bit pair panels), so that a vector of units never straddles
+// two gates.
+template <auto RowsSize>
+int64_t gate_panels_size_of(int64_t hidden_size, int64_t state_size) {
+  return kGates * RowsSize(hidden_size, state_size);
+}
+
+template <typename T, auto RowsSize, auto PackRows>
+void pack_gate_panels_of(const T* weight_hh, int64_t hidden_size, int64_t state_size, T* panels) {
+  for (int64_t gate = 0; gate < kGates; ++gate) {
+    PackRows(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
+             panels + gate * RowsSize(hidden_size, state_size));
+  }
+}
+
+// The panels of gate `gate` from unit `first` on (first: a multiple of the vector's lanes), each
+// panel panel_elements long.
+template <typename T>
+const T* gate_panels_from(const T* panels, int64_t hidden_size, int64_t panel_elements, int64_t gate, int64_t first) {
+  const int64_t panel_count = (hidden_size + Vec::kWidth - 1) / Vec::kWidth;
+  return panels + (gate * panel_count + first / Vec::kWidth) * panel_elements;
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace lstm_fused
