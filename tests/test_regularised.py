@@ -225,6 +225,24 @@ def test_masks_redrawn_per_call_and_seeded(helpers):
         assert torch.equal(a, b)
 
 
+def test_masks_at_the_probabilities_ends(helpers):
+    """The 16-bit lanes' thresholds at p = 1 (past int16: every lane) and p = 0.5; one draw
+    shared by two layers and two directions still gives each its own masks."""
+    lstm = lf.LSTM(4, 16, num_layers=2, bidirectional=True, zoneout=(1.0, 0.5), recurrent_dropout=1.0,
+                   weight_drop=0.5).train()
+    _, _, states = lstm(helpers.randn(30, 8, 4), return_states=True)
+    for s in states:
+        assert torch.equal(s.zoneout_cell_mask, torch.ones_like(s.zoneout_cell_mask))
+        assert torch.equal(s.recurrent_dropout_mask, torch.zeros_like(s.recurrent_dropout_mask))
+        assert s.weight_drop_mask.unique().tolist() == [0.0, 2.0]
+        for mask in (s.zoneout_hidden_mask, s.weight_drop_mask):
+            kept = (mask != 0).double().mean().item()
+            assert abs(kept - 0.5) < 5 * (0.25 / mask.numel()) ** 0.5
+    for a, b in itertools.combinations(states, 2):
+        assert not torch.equal(a.weight_drop_mask, b.weight_drop_mask)
+        assert not torch.equal(a.zoneout_hidden_mask, b.zoneout_hidden_mask)
+
+
 # --- the cell -------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@
 // Row tails (hidden not a multiple of the vector) go through the same vector code with partial
 // loads and stores: no scalar copy of the formulas compiled for this instruction set.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "../regularised_sequence.h"
@@ -144,8 +145,29 @@ void forward_units(const SequenceForward& a, const Row& r, int64_t first, int64_
   });
 }
 
+// x's lanes, zero past a partial vector's (a centred value there would be -mean, not zero).
+LSTM_FUSED_ALWAYS_INLINE Vec in_lanes(Vec x, Whole) { return x; }
+LSTM_FUSED_ALWAYS_INLINE Vec in_lanes(Vec x, const Mask& m) {
+  float lanes[kLanes] = {};
+  st(lanes, x, m);
+  return Vec::load(lanes);
+}
+
+// 1 / std of n values of mean `mean` (biased variance), the centred squares in one pass.
+float rstd_of(const float* v, int64_t n, float mean) {
+  Vec squares(0.0f);
+  for_vectors(0, n, [&](int64_t k, const auto& lanes) {
+    const Vec centred = in_lanes(ld(v + k, lanes) - Vec(mean), lanes);
+    squares = fma(centred, centred, squares);
+  });
+  return 1.0f / std::sqrt(sum(squares) / static_cast<float>(n) + kLayerNormEpsilon);
+}
+
 // With layer norm, a whole row: both products normalised in place, the pre-activation
-// g_ih x^ + g_hh h^ + b, the gates, c~ and its normalisation, the new states.
+// g_ih x^ + g_hh h^ + b, the gates, c~ and its normalisation, the new states. The two products'
+// statistics read both rows in the same passes (sums, then centred squares), and the pass that
+// normalises them also writes the pre-activation; c~'s sum comes with the activations, its
+// normalisation with the new states: 4 passes over the [4H] rows and 3 over [H] (were 8 and 6).
 void forward_normalised_row(const SequenceForward& a, const Row& r) {
   const Options& o = a.options;
   const int64_t H = o.hidden_size, width = kGates * H;
@@ -155,18 +177,42 @@ void forward_normalised_row(const SequenceForward& a, const Row& r) {
   float* cell = a.cell_states + r.packed * H;
   float* normalized = a.normalized_cell + r.packed * H;
   float* rstd = a.layer_norm_rstd + r.packed * 3;
-  rstd[0] = normalise_row(input_part, width, kLayerNormEpsilon);
-  rstd[1] = normalise_row(hidden_part, width, kLayerNormEpsilon);
+  Vec sum_ih(0.0f), sum_hh(0.0f);
   for_vectors(0, width, [&](int64_t k, const auto& lanes) {
-    const Vec sum = fma(ld(o.layer_norm_ih + k, lanes), ld(input_part + k, lanes),
-                        ld(o.layer_norm_hh + k, lanes) * ld(hidden_part + k, lanes));
-    st(gates + k, a.bias ? sum + ld(a.bias + k, lanes) : sum, lanes);
+    sum_ih = sum_ih + ld(input_part + k, lanes);
+    sum_hh = sum_hh + ld(hidden_part + k, lanes);
   });
-  for_vectors(0, H, [&](int64_t j, const auto& lanes) { activate(gates, H, r.cell_prev, cell, j, lanes); });
-  std::memcpy(normalized, cell, H * sizeof(float));
-  rstd[2] = normalise_row(normalized, H, kLayerNormEpsilon);
+  const float mean_ih = sum(sum_ih) / static_cast<float>(width), mean_hh = sum(sum_hh) / static_cast<float>(width);
+  Vec squares_ih(0.0f), squares_hh(0.0f);
+  for_vectors(0, width, [&](int64_t k, const auto& lanes) {
+    const Vec centred_ih = in_lanes(ld(input_part + k, lanes) - Vec(mean_ih), lanes);
+    const Vec centred_hh = in_lanes(ld(hidden_part + k, lanes) - Vec(mean_hh), lanes);
+    squares_ih = fma(centred_ih, centred_ih, squares_ih);
+    squares_hh = fma(centred_hh, centred_hh, squares_hh);
+  });
+  const float rstd_ih = 1.0f / std::sqrt(sum(squares_ih) / static_cast<float>(width) + kLayerNormEpsilon);
+  const float rstd_hh = 1.0f / std::sqrt(sum(squares_hh) / static_cast<float>(width) + kLayerNormEpsilon);
+  rstd[0] = rstd_ih;
+  rstd[1] = rstd_hh;
+  for_vectors(0, width, [&](int64_t k, const auto& lanes) {
+    const Vec x_ih = (ld(input_part + k, lanes) - Vec(mean_ih)) * Vec(rstd_ih);
+    const Vec x_hh = (ld(hidden_part + k, lanes) - Vec(mean_hh)) * Vec(rstd_hh);
+    st(input_part + k, x_ih, lanes);
+    st(hidden_part + k, x_hh, lanes);
+    const Vec total = fma(ld(o.layer_norm_ih + k, lanes), x_ih, ld(o.layer_norm_hh + k, lanes) * x_hh);
+    st(gates + k, a.bias ? total + ld(a.bias + k, lanes) : total, lanes);
+  });
+  Vec sum_cell(0.0f);
+  for_vectors(0, H, [&](int64_t j, const auto& lanes) {
+    activate(gates, H, r.cell_prev, cell, j, lanes);
+    sum_cell = sum_cell + ld(cell + j, lanes);  // zero past the row (partial loads)
+  });
+  const float mean_cell = sum(sum_cell) / static_cast<float>(H);
+  const float rstd_cell = rstd_of(cell, H, mean_cell);
+  rstd[2] = rstd_cell;
   float* masked = r.dropout ? a.masked_hidden + r.packed * H : nullptr;
   for_vectors(0, H, [&](int64_t j, const auto& lanes) {
+    st(normalized + j, (ld(cell + j, lanes) - Vec(mean_cell)) * Vec(rstd_cell), lanes);
     new_states(a, r, gates, cell, a.output + r.packed * H, masked, normalized, j, lanes);
   });
 }
@@ -290,6 +336,14 @@ void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int6
     return grad_gates ? ld(grad_gates + offset + j, lanes) : Vec(0.0f);
   };
   const Vec one(1.0f);
+  // Layer norm: the row's sums for the normalisations' parameters (grad_sums' layout, see
+  // regularised_sequence.h), added in passes 1 and 2 while their operands are in registers.
+  float* sums_ih = grad_sums;
+  float* sums_hh = kLayerNorm ? grad_sums + width : nullptr;
+  float* sums_cell_weight = kLayerNorm ? grad_sums + 2 * width : nullptr;
+  float* sums_cell_bias = kLayerNorm ? sums_cell_weight + H : nullptr;
+  const float* input_part = kLayerNorm ? a.input_part + r.packed * width : nullptr;
+  const float* hidden_part = kLayerNorm ? a.hidden_part + r.packed * width : nullptr;
   // Pass 1: through h = d_h h_prev + (1 - d_h) o tanh(n) to o's gradient and n's (n: c~, or
   // LN(c~), whose row sums layer norm's backward needs before c~'s gradient).
   Vec sums(0.0f), sums_normalized(0.0f);
@@ -313,9 +367,12 @@ void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int6
     const Vec grad_n = grad_h_new * o_gate * (one - tn * tn);
     if constexpr (kLayerNorm) {
       st(grad_normalized + j, grad_n, lanes);
+      const Vec n_hat = ld(normalized + j, lanes);
       const Vec dy = grad_n * ld(o.layer_norm_cell_weight + j, lanes);  // zero past the row (partial loads)
       sums = sums + dy;
-      sums_normalized = fma(dy, ld(normalized + j, lanes), sums_normalized);
+      sums_normalized = fma(dy, n_hat, sums_normalized);
+      st(sums_cell_weight + j, fma(grad_n, n_hat, ld(sums_cell_weight + j, lanes)), lanes);
+      st(sums_cell_bias + j, grad_n + ld(sums_cell_bias + j, lanes), lanes);
     } else {
       st(da + 2 * H + j, grad_n, lanes);  // c~'s gradient from h, for pass 2
     }
@@ -326,7 +383,20 @@ void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int6
     mean_dy_normalized = sum(sums_normalized) / static_cast<float>(H);
     rstd_c = a.layer_norm_rstd[r.packed * 3 + 2];
   }
-  // Pass 2: c~'s gradient, then c_prev's and those of i, f, g.
+  // Pass 2: c~'s gradient, then c_prev's and those of i, f, g; with layer norm also, for each of
+  // the four gates' pre-activation gradient g, the sums the products' normalisations' backward
+  // needs (of dy = g gamma and dy x^, ih and hh) and the scales' gradients g x^.
+  Vec sum_dy_ih(0.0f), sum_dy_x_ih(0.0f), sum_dy_hh(0.0f), sum_dy_x_hh(0.0f);
+  const auto add_product_sums = [&](int64_t k, Vec g, const auto& lanes) {
+    const Vec x_ih = ld(input_part + k, lanes), x_hh = ld(hidden_part + k, lanes);
+    const Vec dy_ih = g * ld(o.layer_norm_ih + k, lanes), dy_hh = g * ld(o.layer_norm_hh + k, lanes);
+    sum_dy_ih = sum_dy_ih + dy_ih;
+    sum_dy_x_ih = fma(dy_ih, x_ih, sum_dy_x_ih);
+    sum_dy_hh = sum_dy_hh + dy_hh;
+    sum_dy_x_hh = fma(dy_hh, x_hh, sum_dy_x_hh);
+    st(sums_ih + k, fma(g, x_ih, ld(sums_ih + k, lanes)), lanes);
+    st(sums_hh + k, fma(g, x_hh, ld(sums_hh + k, lanes)), lanes);
+  };
   for_vectors(first, end, [&](int64_t j, const auto& lanes) {
     const Vec i = ld(gates + j, lanes), f = ld(gates + H + j, lanes), g = ld(gates + 2 * H + j, lanes);
     Vec grad_c_new;
@@ -343,30 +413,31 @@ void backward_units(const SequenceBackward& a, const Row& r, int64_t first, int6
     const Vec grad_i = fma(grad_c_new, g, incoming(0, j, lanes));
     const Vec grad_f = fma(grad_c_new, ld(r.cell_prev + j, lanes), incoming(H, j, lanes));
     const Vec grad_g = fma(grad_c_new, i, incoming(2 * H, j, lanes));
-    st(da + j, grad_i * i * (one - i), lanes);
-    st(da + H + j, grad_f * f * (one - f), lanes);
-    st(da + 2 * H + j, grad_g * (one - g * g), lanes);
+    const Vec da_i = grad_i * i * (one - i), da_f = grad_f * f * (one - f), da_g = grad_g * (one - g * g);
+    st(da + j, da_i, lanes);
+    st(da + H + j, da_f, lanes);
+    st(da + 2 * H + j, da_g, lanes);
+    if constexpr (kLayerNorm) {
+      add_product_sums(j, da_i, lanes);
+      add_product_sums(H + j, da_f, lanes);
+      add_product_sums(2 * H + j, da_g, lanes);
+      add_product_sums(3 * H + j, ld(da + 3 * H + j, lanes), lanes);
+    }
   });
   if constexpr (kLayerNorm) {
+    // Each product's gradient before its normalisation: rstd (dy - mean(dy) - x^ mean(dy x^)).
     const float* rstd = a.layer_norm_rstd + r.packed * 3;
-    const float* input_part = a.input_part + r.packed * width;
-    const float* hidden_part = a.hidden_part + r.packed * width;
-    layer_norm_backward_row(da, o.layer_norm_ih, input_part, rstd[0], width, a.grad_input_parts + r.packed * width);
-    layer_norm_backward_row(da, o.layer_norm_hh, hidden_part, rstd[1], width, a.grad_hidden_parts + r.packed * width);
-    // The scales' and the shift's gradients, while the row is in cache.
-    float* sums_ih = grad_sums;
-    float* sums_hh = grad_sums + width;
-    float* sums_cell_weight = grad_sums + 2 * width;
-    float* sums_cell_bias = sums_cell_weight + H;
+    const Vec rstd_ih(rstd[0]), rstd_hh(rstd[1]);
+    const float n = static_cast<float>(width);
+    const Vec mean_dy_ih(sum(sum_dy_ih) / n), mean_dy_x_ih(sum(sum_dy_x_ih) / n);
+    const Vec mean_dy_hh(sum(sum_dy_hh) / n), mean_dy_x_hh(sum(sum_dy_x_hh) / n);
+    float* grad_input_part = a.grad_input_parts + r.packed * width;
+    float* grad_hidden_part = a.grad_hidden_parts + r.packed * width;
     for_vectors(0, width, [&](int64_t k, const auto& lanes) {
       const Vec g = ld(da + k, lanes);
-      st(sums_ih + k, fma(g, ld(input_part + k, lanes), ld(sums_ih + k, lanes)), lanes);
-      st(sums_hh + k, fma(g, ld(hidden_part + k, lanes), ld(sums_hh + k, lanes)), lanes);
-    });
-    for_vectors(0, H, [&](int64_t j, const auto& lanes) {
-      const Vec g = ld(grad_normalized + j, lanes);
-      st(sums_cell_weight + j, fma(g, ld(normalized + j, lanes), ld(sums_cell_weight + j, lanes)), lanes);
-      st(sums_cell_bias + j, g + ld(sums_cell_bias + j, lanes), lanes);
+      const Vec dy_ih = g * ld(o.layer_norm_ih + k, lanes), dy_hh = g * ld(o.layer_norm_hh + k, lanes);
+      st(grad_input_part + k, rstd_ih * (dy_ih - mean_dy_ih - ld(input_part + k, lanes) * mean_dy_x_ih), lanes);
+      st(grad_hidden_part + k, rstd_hh * (dy_hh - mean_dy_hh - ld(hidden_part + k, lanes) * mean_dy_x_hh), lanes);
     });
   }
 }
