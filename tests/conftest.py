@@ -6,6 +6,9 @@ use AVX512-BF16 (native).
 pytest runs with --import-mode=importlib, so test files cannot import each other or a helper
 module; the helpers are handed out as fixtures instead."""
 import contextlib
+import os
+import pathlib
+import time
 import zlib
 
 import pytest
@@ -171,3 +174,35 @@ class Helpers:
 @pytest.fixture
 def helpers():
     return Helpers
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """torch.ops.lstm_fused_emulated: csrc/cuda's device code compiled for the host against
+    tests/emulated_cuda/cuda_emulation.h, built on first use (about a minute on 2 cores) and shared
+    by the emulated-CUDA test files."""
+    from torch.utils import cpp_extension
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    emulation = root / "tests" / "emulated_cuda"
+    # Under .ci/sanitize (LSTM_FUSED_SANITIZE), the emulated kernels are built with the sanitizers
+    # too, into a build folder of their own.
+    sanitize = os.environ.get("LSTM_FUSED_SANITIZE", "")
+    sanitize_flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []
+    build_dir = root / "build" / ("emulated_cuda_sanitized" if sanitize else "emulated_cuda")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    cpp_extension.load(
+        name="lstm_fused_emulated",
+        sources=[str(emulation / "emulated_ops.cpp")],
+        extra_include_paths=[str(root / "csrc"), str(emulation)],
+        # -O1: the kernels' unrolled loops at -O2/-O3 take minutes to compile on 2 cores, and the
+        # emulated run is bound by the fibers' switches, not by the arithmetic.
+        extra_cflags=["-O1", "-std=c++20", "-fno-strict-aliasing"] + sanitize_flags,
+        extra_ldflags=sanitize_flags,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=os.environ.get("LSTM_FUSED_EMULATION_VERBOSE") == "1",
+    )
+    print(f"emulated CUDA extension ready in {time.monotonic() - started:.1f} s")
+    return torch.ops.lstm_fused_emulated

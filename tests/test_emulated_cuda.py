@@ -14,9 +14,6 @@ half/bfloat16 by relative error against float64. Outputs start NaN-filled.
 The emulation proves indexing, synchronisation and arithmetic, not speed or the GPU's memory
 model: benchmarks/gpu_proof.sh is the GPU's part.
 """
-import os
-import pathlib
-import time
 
 import pytest
 import torch
@@ -24,39 +21,9 @@ from torch import nn
 
 pytestmark = pytest.mark.emulated_cuda
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-EMULATION = ROOT / "tests" / "emulated_cuda"
 
 # An H100 has 132 SMs: the launch plan (the K split over warps) then matches the GPU's.
 H100_SMS = 132
-
-
-@pytest.fixture(scope="module")
-def emu():
-    """torch.ops.lstm_fused_emulated, compiled on first use (about a minute on 2 cores)."""
-    from torch.utils import cpp_extension
-
-    # Under .ci/sanitize (LSTM_FUSED_SANITIZE), the emulated kernels are built with the sanitizers
-    # too, into a build folder of their own.
-    sanitize = os.environ.get("LSTM_FUSED_SANITIZE", "")
-    sanitize_flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []
-    build_dir = ROOT / "build" / ("emulated_cuda_sanitized" if sanitize else "emulated_cuda")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    cpp_extension.load(
-        name="lstm_fused_emulated",
-        sources=[str(EMULATION / "emulated_ops.cpp")],
-        extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
-        # -O1: the kernels' unrolled loops at -O2/-O3 take minutes to compile on 2 cores, and the
-        # emulated run is bound by the fibers' switches, not by the arithmetic.
-        extra_cflags=["-O1", "-std=c++20", "-fno-strict-aliasing"] + sanitize_flags,
-        extra_ldflags=sanitize_flags,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=os.environ.get("LSTM_FUSED_EMULATION_VERBOSE") == "1",
-    )
-    print(f"emulated CUDA extension ready in {time.monotonic() - started:.1f} s")
-    return torch.ops.lstm_fused_emulated
 
 
 def relative_error(actual, expected):

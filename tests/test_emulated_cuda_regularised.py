@@ -11,9 +11,6 @@ Recurrent dropout acts before the step's products, so the step kernels never see
 test below runs the library loop's step order with the emulated kernels and a recurrent dropout
 mask against lf's CPU sequence op. The real-GPU tests at the end skip without a GPU.
 """
-import os
-import pathlib
-import time
 
 import pytest
 import torch
@@ -21,34 +18,6 @@ import torch
 import lstm_fused as lf
 
 pytestmark = pytest.mark.emulated_cuda
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-EMULATION = ROOT / "tests" / "emulated_cuda"
-
-
-@pytest.fixture(scope="module")
-def emu():
-    """torch.ops.lstm_fused_emulated: built exactly as tests/test_emulated_cuda.py builds it (same
-    name, sources, flags and folder), so both files share one build and one loaded library."""
-    from torch.utils import cpp_extension
-
-    sanitize = os.environ.get("LSTM_FUSED_SANITIZE", "")
-    sanitize_flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if sanitize else []
-    build_dir = ROOT / "build" / ("emulated_cuda_sanitized" if sanitize else "emulated_cuda")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    cpp_extension.load(
-        name="lstm_fused_emulated",
-        sources=[str(EMULATION / "emulated_ops.cpp")],
-        extra_include_paths=[str(ROOT / "csrc"), str(EMULATION)],
-        extra_cflags=["-O1", "-std=c++20", "-fno-strict-aliasing"] + sanitize_flags,
-        extra_ldflags=sanitize_flags,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=os.environ.get("LSTM_FUSED_EMULATION_VERBOSE") == "1",
-    )
-    print(f"emulated CUDA extension ready in {time.monotonic() - started:.1f} s")
-    return torch.ops.lstm_fused_emulated
 
 
 # Relative error (max |error| / max |expected|) against float64 from the same rounded inputs.
