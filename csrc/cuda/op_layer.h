@@ -280,7 +280,8 @@ std::optional<BackwardOutputs> persistent_sequence_backward(
 }
 
 // The sequence_forward op: the persistent kernel where it applies (with or without a projection),
-// else the loop. *path says which ran.
+// else the loop. *path says which ran. Without keep_states (sequence_inference), the persistent
+// kernel writes no gates and two steps of c, and only output, hy and cy are the loop's.
 template <typename Device>
 ForwardOutputs sequence_forward_op(
     const Device& device,
@@ -295,7 +296,8 @@ ForwardOutputs sequence_forward_op(
     const std::optional<at::Tensor>& bias_hh,
     bool reverse,
     bool allow_tf32,
-    const std::optional<at::Tensor>& weight_hr) {
+    const std::optional<at::Tensor>& weight_hr,
+    bool keep_states = true) {
   // Checked before the guard: the checks name a tensor on the wrong device.
   const std::vector<int64_t> sizes =
       device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
@@ -306,45 +308,18 @@ ForwardOutputs sequence_forward_op(
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     if (auto outputs = persistent_sequence_forward(
             device, input, sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, allow_tf32, weight_hr,
-            path)) {
+            path, keep_states)) {
       return *std::move(outputs);
     }
   }
   return device.forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
 }
 
-// The sequence_inference op: output, hy and cy as sequence_forward_op computes them, on the
-// persistent kernels without the gates and with two steps of c; the loop where those refuse.
-template <typename Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_inference_op(
-    const Device& device,
-    SequencePath* path,
-    const at::Tensor& input,
-    const at::Tensor& batch_sizes,
-    const at::Tensor& hx,
-    const at::Tensor& cx,
-    const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh,
-    bool reverse,
-    bool allow_tf32,
-    const std::optional<at::Tensor>& weight_hr) {
-  const std::vector<int64_t> sizes =
-      device.check_forward_args(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
-  *path = SequencePath::kLoop;
-  {
-    const typename Device::Guard guard(input.device());
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    if (auto outputs = persistent_sequence_forward(
-            device, input, sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, allow_tf32, weight_hr,
-            path, /*keep_states=*/false)) {
-      const auto& [output, hy, cy, cell_states, gates] = *outputs;
-      return {output, hy, cy};
-    }
-  }
-  const auto [output, hy, cy, cell_states, gates] =
-      device.forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
+// The sequence_inference op: sequence_forward_op's output, hy and cy, without keeping the states.
+template <typename Device, typename... Args>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_inference_op(const Device& device, Args&&... args) {
+  auto [output, hy, cy, cell_states, gates] =
+      sequence_forward_op(device, std::forward<Args>(args)..., /*keep_states=*/false);
   return {output, hy, cy};
 }
 
