@@ -154,7 +154,7 @@ at::Tensor previous_hidden_states(const at::Tensor& output, const at::Tensor& hx
 }
 
 bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
-  return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_sequence(hx.size(0));
+  return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_float32_sequence(hx.size(0));
 }
 
 // bfloat16 and float16 forwards take the fused recurrence with 16-bit panels too (their backward

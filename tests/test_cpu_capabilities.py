@@ -52,11 +52,13 @@ def _packed(helpers, lengths, input_size):
     return nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
 
 
-# The sequence's recurrence: batch <= 64 takes the small-batch path. Batch 4 at hidden 130 splits
-# two threads by units (a barrier per step, a share that ends in a tail); batch 9 at hidden 40 by
-# rows; batch 1 runs on one thread whatever is asked; 70 is past the path.
+# The sequence's recurrence: batch <= 64 takes the small-batch path, <= 256 on avx512. Batch 4 at
+# hidden 130 splits two threads by units (a barrier per step, a share that ends in a tail); batch 9
+# at hidden 40 by rows; batch 1 runs on one thread whatever is asked; 70 (varying lengths) is past
+# the path but on avx512, 257 past it everywhere.
 @pytest.mark.parametrize("lengths, input_size, hidden_size", [
-    ([3], 2, 1), ([5, 2, 4, 1], 7, 130), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 40), ([4] * 70, 3, 19),
+    ([3], 2, 1), ([5, 2, 4, 1], 7, 130), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 40), ([4, 1, 3] * 23 + [2], 3, 19),
+    ([2] * 257, 3, 5),
 ])
 def test_sequence_matches_nn(helpers, capability, threads, lengths, input_size, hidden_size):
     torch_lstm = nn.LSTM(input_size, hidden_size, bidirectional=True)
@@ -79,7 +81,7 @@ def test_sequence_matches_nn(helpers, capability, threads, lengths, input_size, 
 # With projections (proj_size > 0) the same recurrence also multiplies every step by weight_hr and
 # its backward by weight_hr's transpose, through the same panel products: batch 4 at hidden 200
 # splits two threads by units (two barriers a step), batch 9 at hidden 130 by rows; proj_size 99
-# and 67 leave tails of every vector width; 70 is past the path.
+# and 67 leave tails of every vector width; 70 is past the path but on avx512.
 @pytest.mark.parametrize("lengths, input_size, hidden_size, proj_size", [
     ([3], 2, 3, 1), ([5, 2, 4, 1], 7, 200, 99), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 130, 67), ([4] * 70, 3, 19, 5),
 ])
@@ -149,6 +151,36 @@ def test_switching_to_a_missing_path_is_an_error():
     assert lf.cpu_capability() in CAPABILITIES
 
 
+# The vector loops' own exp and tanh (csrc/cpu/kernels/vec.h) against float64: a dense sweep of
+# pre-activations over [-40, 40], past every saturation point, and the special values. Each gate
+# value within 2 float32 eps of its own size (they measure 1.24; one Taylor term fewer in e^r - 1
+# gives about 20); the width leaves a tail for the scalar loop.
+def test_float32_activations_match_float64(helpers, capability):
+    hidden_size = 4099
+    pre = torch.linspace(-40, 40, 4 * hidden_size, dtype=torch.float64)
+    pre = pre[torch.randperm(pre.numel(), generator=torch.Generator().manual_seed(0))].reshape(1, -1)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 88.9, -88.9, 104.5, -104.5, 200.0,
+                             -200.0, 1e-30, -1e-30, 1e-40, 9.9, -9.9, 10.5, -10.5], dtype=torch.float64)
+    for gate in range(4):  # each gate's activation meets every special value, in the vector loop
+        pre[0, gate * hidden_size:gate * hidden_size + specials.numel()] = specials
+    pre = pre.float()
+    gates = pre.clone()
+    cell_prev = helpers.randn(1, hidden_size)
+    hy, cy = torch.full_like(cell_prev, float("nan")), torch.full_like(cell_prev, float("nan"))
+    torch.ops.lstm_fused.cell_pointwise_(gates, cell_prev, None, hy, cy)
+    i, f, g, o = pre.double().chunk(4, dim=1)
+    expected = torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], dim=1)
+    assert torch.equal(gates.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    error = (gates.double() - expected)[finite].abs()
+    # Below float32's smallest normal, absolute accuracy: 1 / (1 + e^-x) is 0 once e^-x overflows,
+    # where sigmoid is still a denormal (x < -88.7), as in ATen's float32 sigmoid.
+    allowed = 2 * torch.finfo(torch.float32).eps * expected[finite].abs() + torch.finfo(torch.float32).tiny
+    assert (error <= allowed).all(), f"worst: {(error / allowed).max().item():.3g} of the allowed error"
+    saturated = pre.abs() >= 104
+    assert torch.equal(gates[saturated], expected[saturated].float()), "saturated gates must be exactly 0 or +-1"
+
+
 def _rounded_reference(gates, cell_prev, bias):
     """The cell's pointwise step as the kernels define it for bfloat16 and float16: inputs widened to
     float32, float32 math, each output rounded once to the dtype."""
@@ -180,7 +212,7 @@ def test_reduced_precision_pointwise_rounds_as_torch(helpers, capability, dtype,
         expected = expected.to(dtype)
         assert torch.isnan(actual).equal(torch.isnan(expected))
         finite = ~torch.isnan(expected)
-        # exp and tanh (Sleef in the vector loops, libm in the scalar one) may differ by an ulp of
+        # exp and tanh (vec.h's in the vector loops, libm in the scalar one) may differ by an ulp of
         # float32, which moves a rounding to the dtype in rare elements: at most 1 ulp of the dtype.
         ulp = torch.finfo(dtype).eps * expected[finite].float().abs().clamp_min(torch.finfo(dtype).tiny)
         assert ((actual[finite].float() - expected[finite].float()).abs() <= ulp * 1.01).all()

@@ -6,7 +6,7 @@ This machine has none of those devices. The tests run the real dispatch for one:
 sends every lstm_fused op, including those the composites call, to the kernel registered for that
 device's dispatch key (the composite), while the ATen ops inside run on the CPU. The sequence's
 composite (csrc/sequence.cpp) chooses its CPU-only small-batch path by the tensors' device, which
-here is the CPU, so the sequence tests use a batch past that path (70): the code a real device
+here is the CPU, so the sequence tests use a batch past that path (260): the code a real device
 runs at any batch. The meta device, which has fake kernels, is covered in test_module.py and
 test_lstm.py."""
 from contextlib import nullcontext
@@ -95,7 +95,7 @@ def test_lstm_matches_nn(helpers, device, dtype):
     torch_lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True, dtype=dtype)
     fused_lstm = lf.LSTM(4, 6, num_layers=2, bidirectional=True, dtype=dtype)
     fused_lstm.load_state_dict(torch_lstm.state_dict())
-    lengths = [5, 3, 4, 1, 2] * 14
+    lengths = [5, 3, 4, 1, 2] * 52
     sequences = [helpers.randn(n, 4, dtype=dtype) for n in lengths]
     packed = nn.utils.rnn.pack_sequence(sequences, enforce_sorted=False)
     results = []

@@ -116,11 +116,12 @@ def test_matches_nn_lstm_without_initial_state():
 
 
 # Hidden sizes off the vector width (16 floats on AVX-512) and a proj_size of 17: batches of the
-# small-batch path's range (float32, batch <= 64) and past it (batch > 64, float64).
+# small-batch path's range (float32, batch <= 64, <= 256 on avx512) and past it (batch > 64 or
+# > 256, float64).
 @pytest.mark.parametrize(
     "dtype, batch", [(torch.float32, 1), (torch.float32, 8), (torch.float32, 64), (torch.float32, 70),
-                     (torch.float64, 3), (torch.float64, 70)],
-    ids=["float32-b1", "float32-b8", "float32-b64", "float32-b70", "float64-b3", "float64-b70"],
+                     (torch.float32, 257), (torch.float64, 3), (torch.float64, 70)],
+    ids=["float32-b1", "float32-b8", "float32-b64", "float32-b70", "float32-b257", "float64-b3", "float64-b70"],
 )
 @pytest.mark.parametrize("hidden_size, proj_size", [(23, 17), (40, 1), (37, 3)])
 def test_batch_and_hidden_sizes(dtype, batch, hidden_size, proj_size):

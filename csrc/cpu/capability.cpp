@@ -165,6 +165,15 @@ bool handles_sequence(int64_t batch) {
   return batch <= kMaxSequenceBatch && vector_path();
 }
 
+bool handles_float32_sequence(int64_t batch) {
+#if defined(LSTM_FUSED_KERNELS_AVX512)
+  const int64_t largest = &kernels() == &AVX512::table ? kMaxWideSequenceBatch : kMaxSequenceBatch;
+#else
+  const int64_t largest = kMaxSequenceBatch;
+#endif
+  return batch <= largest && vector_path();
+}
+
 int threads_for(int64_t multiply_adds, int max_threads) {
   // Threads meet at a barrier every step (a few microseconds); below about 2^16 multiply-adds a
   // step (a few microseconds of work) a second thread cannot pay for it. A floor rather than a

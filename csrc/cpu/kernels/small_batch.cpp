@@ -885,7 +885,7 @@ template <typename T>
 void reduced_sequence_forward(const SequenceForwardOf<T>& a, int threads, PairProductsFn<T>* products) {
   // Each thread's rows widened (or copied) once per product call, for the longest reduction.
   const int64_t scratch_bytes =
-      kMaxBatch * factor_stride(std::max(a.hidden_size, a.output_size)) * static_cast<int64_t>(sizeof(float));
+      kMaxSequenceBatch * factor_stride(std::max(a.hidden_size, a.output_size)) * static_cast<int64_t>(sizeof(float));
   sequence_forward_with(a, threads, pair_panel_size, [&] {
     return [products, scratch = std::vector<std::byte>(scratch_bytes)](
                const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns, T* out,

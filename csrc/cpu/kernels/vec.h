@@ -32,26 +32,6 @@
 #endif
 #endif
 
-#if defined(CPU_CAPABILITY_AVX2)
-// Sleef's vector math, exported by libtorch_cpu (ATen's own vectorised exp and tanh): the
-// width-specific variants directly, since Sleef's dispatching entry point costs an indirect call
-// per vector. tanh is the 3.5-ulp variant, half the time of the 1-ulp one (at hidden 128 the 1-ulp
-// tanh took as long as the recurrent product); both are far inside float32's tolerance (1e-5).
-extern "C" {
-__m256 Sleef_expf8_u10avx2(__m256);
-__m256 Sleef_tanhf8_u35avx2(__m256);
-}
-#elif defined(CPU_CAPABILITY_AVX512)
-extern "C" {
-__m512 Sleef_expf16_u10avx512f(__m512);
-__m512 Sleef_tanhf16_u35avx512f(__m512);
-}
-#elif defined(CPU_CAPABILITY_NEON)
-extern "C" {
-float32x4_t Sleef_expf4_u10advsimd(float32x4_t);
-float32x4_t Sleef_tanhf4_u35advsimd(float32x4_t);
-}
-#endif
 
 // Compiler-specific spellings live here, with the instruction sets: the kernels use only these.
 #if defined(_MSC_VER)
@@ -114,8 +94,10 @@ inline Vec operator*(Vec a, Vec b) { return _mm256_mul_ps(a.v, b.v); }
 inline Vec operator/(Vec a, Vec b) { return _mm256_div_ps(a.v, b.v); }
 inline Vec operator-(Vec a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
-inline Vec exp_(Vec x) { return Sleef_expf8_u10avx2(x.v); }
-inline Vec tanh_(Vec x) { return Sleef_tanhf8_u35avx2(x.v); }
+// 2^n for integral n in [-126, 127]: n + 127 is the exponent field of a float.
+inline Vec power_of_two(Vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23));
+}
 // 1 / x to at least 12 bits.
 inline Vec reciprocal_estimate(Vec x) { return _mm256_rcp_ps(x.v); }
 // x limited to [lo, hi]; NaN stays NaN (min and max return their second operand on NaN).
@@ -160,8 +142,9 @@ inline Vec operator-(Vec a) {
   return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)));
 }
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
-inline Vec exp_(Vec x) { return Sleef_expf16_u10avx512f(x.v); }
-inline Vec tanh_(Vec x) { return Sleef_tanhf16_u35avx512f(x.v); }
+inline Vec power_of_two(Vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127)), 23));
+}
 inline Vec reciprocal_estimate(Vec x) { return _mm512_rcp14_ps(x.v); }
 inline Vec clamp(Vec x, float lo, float hi) { return _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), x.v)); }
 inline void keep_in_register(Vec& x) { asm("" : "+v"(x.v)); }
@@ -205,8 +188,9 @@ inline Vec operator*(Vec a, Vec b) { return vmulq_f32(a.v, b.v); }
 inline Vec operator/(Vec a, Vec b) { return vdivq_f32(a.v, b.v); }
 inline Vec operator-(Vec a) { return vnegq_f32(a.v); }
 inline Vec fma(Vec a, Vec b, Vec c) { return vfmaq_f32(c.v, a.v, b.v); }
-inline Vec exp_(Vec x) { return Sleef_expf4_u10advsimd(x.v); }
-inline Vec tanh_(Vec x) { return Sleef_tanhf4_u35advsimd(x.v); }
+inline Vec power_of_two(Vec n) {
+  return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n.v), vdupq_n_s32(127)), 23));
+}
 // vrecpe's 8 bits and one of NEON's own refinement steps: 16.
 inline Vec reciprocal_estimate(Vec x) {
   const float32x4_t estimate = vrecpeq_f32(x.v);
@@ -271,18 +255,15 @@ inline void store_sums(float* out, Vec a, Vec b, Vec c, Vec d) {
 #endif
 
 #if !(defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON))
-// exp and tanh lane by lane (libm): the portable path calls no instruction set's Sleef.
-inline Vec exp_(Vec x) {
-  float lanes[Vec::kWidth];
-  x.store(lanes);
-  for (float& e : lanes) e = std::exp(e);
-  return Vec::load(lanes);
-}
-inline Vec tanh_(Vec x) {
-  float lanes[Vec::kWidth];
-  x.store(lanes);
-  for (float& e : lanes) e = std::tanh(e);
-  return Vec::load(lanes);
+inline Vec power_of_two(Vec n) {
+  Vec r;
+  for (int64_t i = 0; i < Vec::kWidth; ++i) {
+    // NaN has no integer: its lane's factor is left at 1, and the NaN it scales stays NaN.
+    const uint32_t exponent = n.v[i] == n.v[i] ? static_cast<uint32_t>(static_cast<int32_t>(n.v[i]) + 127) : 127u;
+    const uint32_t bits = exponent << 23;
+    std::memcpy(&r.v[i], &bits, sizeof(bits));
+  }
+  return r;
 }
 inline Vec reciprocal_estimate(Vec x) { return Vec(1.0f) / x; }
 inline Vec clamp(Vec x, float lo, float hi) {
@@ -291,6 +272,46 @@ inline Vec clamp(Vec x, float lo, float hi) {
   return r;
 }
 #endif
+
+// exp and tanh, written once over Vec for every path and inlined into the loops that call them.
+// They replace calls into Sleef (ATen's vector math): its 3.5-ulp tanh cost 5 times its exp and
+// took a tenth of lf.LSTM's forward at B = 64, H = 128 (AMD EPYC Zen 5, one thread). Both reduce
+// x = n ln 2 + r with |r| <= ln 2 / 2 and take e^r - 1 from its Taylor series to r^7 (relative
+// error under 2e-8 there), so neither loses digits near 0: tanh(x) = u / (2 + u) with
+// u = e^(2x) - 1 keeps tanh's relative accuracy at tiny x, where 1 - 2 / (e^(2x) + 1) would not.
+// NaN stays NaN; e^x overflows to inf and underflows to 0 as float does; tanh(+-inf) is +-1.
+struct ReducedExponent {
+  Vec n;            // an integer
+  Vec expm1_of_r;   // e^r - 1
+};
+inline ReducedExponent reduce_exponent(Vec x) {
+  // Adding 1.5 * 2^23 rounds to an integer (|x log2 e| < 2^22 here); ln 2 in two parts, the first
+  // short enough that n times it is exact.
+  constexpr float kRoundingShift = 12582912.0f;
+  const Vec n = fma(x, Vec(1.44269504088896341f), Vec(kRoundingShift)) - Vec(kRoundingShift);
+  const Vec r = fma(n, Vec(2.12194440e-4f), fma(n, Vec(-0.693359375f), x));
+  Vec p = fma(r, Vec(1.0f / 5040), Vec(1.0f / 720));
+  p = fma(p, r, Vec(1.0f / 120));
+  p = fma(p, r, Vec(1.0f / 24));
+  p = fma(p, r, Vec(1.0f / 6));
+  p = fma(p, r, Vec(0.5f));
+  return {n, fma(p * r, r, r)};
+}
+inline Vec exp_(Vec x) {
+  // Past [-104, 89] e^x is 0 or inf in float; within, n lies in [-150, 128] and 2^n is applied
+  // as two normal factors, so the products round to denormals and overflow as e^x would.
+  const ReducedExponent e = reduce_exponent(clamp(x, -104.0f, 89.0f));
+  constexpr float kRoundingShift = 12582912.0f;
+  const Vec half = fma(e.n, Vec(0.5f), Vec(kRoundingShift)) - Vec(kRoundingShift);
+  return (e.expm1_of_r + Vec(1.0f)) * power_of_two(half) * power_of_two(e.n - half);
+}
+inline Vec tanh_(Vec x) {
+  // tanh(+-10) is +-1 in float; n then lies in [-29, 29].
+  const ReducedExponent e = reduce_exponent(clamp(x, -10.0f, 10.0f) * Vec(2.0f));
+  const Vec scale = power_of_two(e.n);
+  const Vec u = fma(scale, e.expm1_of_r, scale - Vec(1.0f));  // e^(2x) - 1
+  return u / (Vec(2.0f) + u);
+}
 
 #if defined(LSTM_FUSED_SCALAR_TAILS) || !(defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512))
 // A partial vector through a zeroed buffer: the element-wise copies touch exactly the lanes asked.
@@ -404,12 +425,12 @@ inline void widen_pairs(const HalfBits* p, Vec& even, Vec& odd) {
 #endif
 
 // The arithmetic of values stored in bfloat16 or float16: Vec's, with the activations only as
-// exact as those dtypes keep (8 and 11 bits): no Sleef tanh (5 times its exp's cost; with the
-// divisions, the cell math took about as long as the step's bfloat16 products at B = 64, H = 128
-// on an AMD EPYC Zen 4) but a rational function within 4e-7 of tanh, and reciprocals by estimate
-// and one Newton step (24 bits) instead of divisions. float32 storage keeps Vec's exact
-// functions: there the backward reads 1 - tanh^2 and sigma (1 - sigma) near saturation, where one
-// ulp of the activation is a large share of the derivative, and must agree with nn's.
+// exact as those dtypes keep (8 and 11 bits): a rational function within 4e-7 of tanh, and
+// reciprocals by estimate and one Newton step (24 bits) instead of divisions (with Sleef's tanh
+// and the divisions, the cell math took about as long as the step's bfloat16 products at B = 64,
+// H = 128 on an AMD EPYC Zen 4). float32 storage keeps Vec's functions, within 2.5 ulps: there the
+// backward reads 1 - tanh^2 and sigma (1 - sigma) near saturation, where one ulp of the activation
+// is a large share of the derivative, and must agree with nn's.
 struct ReducedVec {
   Vec v;
   ReducedVec() = default;
