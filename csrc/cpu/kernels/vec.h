@@ -32,7 +32,6 @@
 #endif
 #endif
 
-
 // Compiler-specific spellings live here, with the instruction sets: the kernels use only these.
 #if defined(_MSC_VER)
 #define LSTM_FUSED_ALWAYS_INLINE __forceinline
@@ -284,11 +283,15 @@ struct ReducedExponent {
   Vec n;            // an integer
   Vec expm1_of_r;   // e^r - 1
 };
-inline ReducedExponent reduce_exponent(Vec x) {
-  // Adding 1.5 * 2^23 rounds to an integer (|x log2 e| < 2^22 here); ln 2 in two parts, the first
-  // short enough that n times it is exact.
+// a * b + c rounded to the nearest integer, for |a * b + c| < 2^22: adding 1.5 * 2^23 leaves no
+// fraction bits.
+inline Vec round_fma(Vec a, Vec b, Vec c) {
   constexpr float kRoundingShift = 12582912.0f;
-  const Vec n = fma(x, Vec(1.44269504088896341f), Vec(kRoundingShift)) - Vec(kRoundingShift);
+  return fma(a, b, c + Vec(kRoundingShift)) - Vec(kRoundingShift);
+}
+inline ReducedExponent reduce_exponent(Vec x) {
+  // ln 2 in two parts, the first short enough that n times it is exact.
+  const Vec n = round_fma(x, Vec(1.44269504088896341f), Vec(0.0f));
   const Vec r = fma(n, Vec(2.12194440e-4f), fma(n, Vec(-0.693359375f), x));
   Vec p = fma(r, Vec(1.0f / 5040), Vec(1.0f / 720));
   p = fma(p, r, Vec(1.0f / 120));
@@ -301,8 +304,7 @@ inline Vec exp_(Vec x) {
   // Past [-104, 89] e^x is 0 or inf in float; within, n lies in [-150, 128] and 2^n is applied
   // as two normal factors, so the products round to denormals and overflow as e^x would.
   const ReducedExponent e = reduce_exponent(clamp(x, -104.0f, 89.0f));
-  constexpr float kRoundingShift = 12582912.0f;
-  const Vec half = fma(e.n, Vec(0.5f), Vec(kRoundingShift)) - Vec(kRoundingShift);
+  const Vec half = round_fma(e.n, Vec(0.5f), Vec(0.0f));
   return (e.expm1_of_r + Vec(1.0f)) * power_of_two(half) * power_of_two(e.n - half);
 }
 inline Vec tanh_(Vec x) {
