@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "../small_batch.h"
+#include "recurrence.h"
 #include "vec.h"
 
 namespace lstm_fused {
@@ -49,14 +50,27 @@ inline int64_t factor_stride(int64_t reduction) {
 // its rows: the forward's gate and projection panels (rows: output columns).
 template <typename T>
 void pack_pair_panels(const T* weight, int64_t rows, int64_t reduction, T* panels) {
-  const int64_t padded = pair_reduction(reduction);
   for (int64_t panel = 0; panel < pair_panel_count(rows); ++panel) {
+    const T* from = weight + panel * kPairLanes * reduction;
     T* to = panels + panel * pair_panel_size(reduction);
-    for (int64_t lane = 0; lane < kPairLanes; ++lane) {
-      const int64_t row = panel * kPairLanes + lane;
-      for (int64_t k = 0; k < padded; ++k) {
+    const int64_t lanes = rows - panel * kPairLanes;
+    const int64_t row_bytes = reduction * static_cast<int64_t>(sizeof(T));
+    // pair_slot's two layouts as transposes: bfloat16's [pair][lane][2] of whole pairs (one 32-bit
+    // word each), float16's [k][lane] of single values.
+    const bool word_pairs = pair_slot(to, 1, 0) == 2;
+    const int64_t whole = word_pairs ? reduction / 2 : reduction;
+    if (word_pairs) {
+      transpose_rows<uint32_t>(reinterpret_cast<const std::byte*>(from), row_bytes, lanes, whole,
+                               reinterpret_cast<std::byte*>(to));
+    } else {
+      transpose_rows<uint16_t>(reinterpret_cast<const std::byte*>(from), row_bytes, lanes, whole,
+                               reinterpret_cast<std::byte*>(to));
+    }
+    // An odd reduction's last pair: its one index, then zero.
+    for (int64_t k = word_pairs ? 2 * whole : whole; k < pair_reduction(reduction); ++k) {
+      for (int64_t lane = 0; lane < kPairLanes; ++lane) {
         to[k / 2 * 2 * kPairLanes + pair_slot(to, lane, k % 2)] =
-            row < rows && k < reduction ? weight[row * reduction + k] : T{0};
+            lane < lanes && k < reduction ? from[lane * reduction + k] : T{0};
       }
     }
   }
@@ -71,8 +85,10 @@ struct WidenedPairs {
   struct Weights {
     Vec even, odd;
   };
-  // A widened pair takes two registers: AVX2's 16 fit 4 rows x 2 vectors of accumulators.
+  // A widened pair takes two registers: AVX2's 16 fit 4 rows x 2 vectors of accumulators, and
+  // AVX-512's 32 fit 6 x 2 but not 6 x 4 (24 accumulators and 8 weight registers).
   static constexpr int kMaxRows = Vec::kRegisters >= 32 ? 6 : 4;
+  static constexpr int kPanelGroup = 2;
 
   static Weights load(const T* block) {
     Weights w;
@@ -203,8 +219,8 @@ void pair_columns(
 // out[b, c] (+)= sum over k < reduction of x_b[k] w[k, c] for the `columns` columns whose panels
 // start at `panels`, x being the rows as the policy multiplies them. The same blocking as the float
 // panel products: under 4 rows one row block with wider column groups; else columns outer in groups
-// of two panels (read from memory by the first row block, from L1 by the others), rows inner in
-// blocks as even as can be.
+// of the policy's kPanelGroup panels (read from memory by the first row block, from L1 or L2 by the
+// others), rows inner in blocks as even as can be.
 template <typename Pairs>
 void pair_panel_products(
     const typename Pairs::Factor* const* x,
@@ -225,16 +241,17 @@ void pair_panel_products(
   constexpr int kMaxRows = Pairs::kMaxRows;
   const int64_t panel_size = pair_panel_size(reduction);
   const int64_t blocks = (batch + kMaxRows - 1) / kMaxRows;
-  for (int64_t column = 0; column < columns; column += 2 * kPairLanes) {
-    const bool whole = column + 2 * kPairLanes <= columns;
+  constexpr int kGroup = Pairs::kPanelGroup;
+  for (int64_t column = 0; column < columns; column += kGroup * kPairLanes) {
+    const bool whole = column + kGroup * kPairLanes <= columns;
     for (int64_t block = 0, b = 0; block < blocks; ++block) {
       const int64_t rows = (batch - b) / (blocks - block) + ((batch - b) % (blocks - block) != 0);
       with_rows<kMaxRows>(rows, [&](auto kRows) {
         constexpr int kBatch = decltype(kRows)::value;
         const auto* block_panels = panels + column / kPairLanes * panel_size;
         if (whole) {
-          pair_tile<Pairs, kBatch, 2, false>(x + b, reduction, block_panels, out + b * out_stride + column, out_stride,
-                                             2 * kPairLanes, accumulate);
+          pair_tile<Pairs, kBatch, kGroup, false>(x + b, reduction, block_panels, out + b * out_stride + column, out_stride,
+                                             kGroup * kPairLanes, accumulate);
         } else {
           pair_columns<Pairs, kBatch, 1>(x + b, reduction, block_panels, columns - column,
                                          out + b * out_stride + column, out_stride, accumulate);

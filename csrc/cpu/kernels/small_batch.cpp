@@ -669,14 +669,10 @@ int64_t unit_panels_size(int64_t rows, int64_t units) {
 
 void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float* panels) {
   for (int64_t panel = 0; panel < panel_count(rows); ++panel) {
-    float* to = panels + panel * reduction * kLanes;
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      // Lane `lane` of the panel is one row of the weight, read in order.
-      const int64_t row = panel * kLanes + lane;
-      for (int64_t k = 0; k < reduction; ++k) {
-        to[k * kLanes + lane] = row < rows ? weight[row * reduction + k] : 0.0f;
-      }
-    }
+    // Lane `lane` of the panel is one row of the weight.
+    transpose_rows<float>(reinterpret_cast<const std::byte*>(weight + panel * kLanes * reduction),
+                          reduction * static_cast<int64_t>(sizeof(float)), rows - panel * kLanes, reduction,
+                          reinterpret_cast<std::byte*>(panels + panel * reduction * kLanes));
   }
 }
 
