@@ -3,10 +3,10 @@
 //
 // The loop is built from dispatcher calls (matrix products through matmul.h, the cell's
 // cell_pointwise_ and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop
-// drives the CPU kernels and the CUDA ones. On the CPU, float32 batches of at most 64 go instead to
-// cpu/small_batch.h's fused recurrence, where a step makes no library call; so do the forwards of
-// bfloat16 and float16 batches (16-bit panels, float32 accumulation), whose backward stays here.
-// The autograd is
+// drives the CPU kernels and the CUDA ones. On the CPU, float32 batches (of at most 64, or 256 on
+// AVX-512) go instead to cpu/small_batch.h's fused recurrence and its backward, where a step makes
+// no library call; so do bfloat16 and float16 batches of at most 64 (16-bit panels, float32
+// accumulation). The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
 // With a projection (nn.LSTM's proj_size > 0, an optional weight_hr [proj_size, hidden]) each step's
@@ -157,9 +157,9 @@ bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
   return input.device().is_cpu() && input.scalar_type() == at::kFloat && cpu::small_batch::handles_float32_sequence(hx.size(0));
 }
 
-// bfloat16 and float16 forwards take the fused recurrence with 16-bit panels too (their backward
-// stays on the library loop): at batch 1-64, T = 64, hidden 128-1024 each step's library product
-// and pointwise pass cost more than the whole fused step.
+// bfloat16 and float16 sequences take the fused recurrence and its backward with 16-bit panels
+// too: at batch 1-64, T = 64, hidden 128-1024 each step's library product and pointwise pass cost
+// more than the whole fused step.
 bool takes_fused_forward(const at::Tensor& input, const at::Tensor& hx) {
   const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
   return takes_small_batch_path(input, hx) ||
@@ -178,8 +178,8 @@ void with_storage_type(at::ScalarType dtype, F&& f) {
   }
 }
 
-// How the fused recurrence packs its weights for each storage type: float32 panels, or 16-bit
-// panels with the reduction in pairs.
+// How the fused recurrence and its backward pack their weights for each storage type: float32
+// panels, or 16-bit panels with the reduction in pairs.
 template <typename T>
 struct RecurrencePacking {
   static int64_t gate_panels_size(int64_t hidden_size, int64_t state_size) {
@@ -193,6 +193,12 @@ struct RecurrencePacking {
   }
   static void pack_projection_panels(const T* weight_hr, int64_t rows, int64_t reduction, T* panels) {
     cpu::small_batch::pack_pair_panels(weight_hr, rows, reduction, panels);
+  }
+  static int64_t unit_panels_size(int64_t rows, int64_t units) {
+    return cpu::small_batch::pair_panels_size(units, rows);
+  }
+  static void pack_unit_panels(const T* weight, int64_t rows, int64_t units, T* panels) {
+    cpu::small_batch::pack_pair_unit_panels(weight, rows, units, panels);
   }
 };
 template <>
@@ -208,6 +214,12 @@ struct RecurrencePacking<float> {
   }
   static void pack_projection_panels(const float* weight_hr, int64_t rows, int64_t reduction, float* panels) {
     cpu::small_batch::pack_row_panels(weight_hr, rows, reduction, panels);
+  }
+  static int64_t unit_panels_size(int64_t rows, int64_t units) {
+    return cpu::small_batch::unit_panels_size(rows, units);
+  }
+  static void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels) {
+    cpu::small_batch::pack_unit_panels(weight, rows, units, panels);
   }
 };
 
@@ -281,17 +293,7 @@ int small_batch_threads(int64_t batch, int64_t hidden_size, int64_t output_size,
   return cpu::small_batch::threads_for(multiply_adds, at::get_num_threads());
 }
 
-// A contiguous float copy of weight_hr packed as `pack` lays it out, or undefined without one.
-template <typename Size, typename Pack>
-at::Tensor packed_projection(const std::optional<at::Tensor>& weight_hr, Size size, Pack pack) {
-  if (!weight_hr.has_value()) {
-    return at::Tensor();
-  }
-  const at::Tensor weight = weight_hr->contiguous();
-  at::Tensor panels = at::empty({size(weight.size(0), weight.size(1))}, weight.options());
-  pack(weight.const_data_ptr<float>(), weight.size(0), weight.size(1), panels.mutable_data_ptr<float>());
-  return panels;
-}
+
 
 }  // namespace
 
@@ -579,7 +581,7 @@ SequenceBackwardOutputs sequence_backward_loop(
   // Every step's gradient of its (projected) hidden state, for the projection's weight gradient.
   at::Tensor grad_outputs = weight_hr.has_value() ? new_output({total_rows, output_size}, options) : at::Tensor();
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  if (takes_small_batch_path(input, hx)) {
+  if (takes_fused_forward(input, hx)) {
     // The fused recurrence writes every step's gate gradients whether or not they are kept.
     grad_preactivations = new_output({total_rows, 4 * hidden_size}, options);
     const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);
@@ -587,30 +589,35 @@ SequenceBackwardOutputs sequence_backward_loop(
     const at::Tensor grad_gates_c = contiguous_or_undefined(grad_gates);
     const at::Tensor grad_hy_c = contiguous_or_undefined(grad_hy);
     const at::Tensor grad_cy_c = contiguous_or_undefined(grad_cy);
-    namespace small_batch = cpu::small_batch;
-    const at::Tensor weight_hh_c = weight_hh.contiguous();
-    at::Tensor unit_panels = at::empty({small_batch::unit_panels_size(4 * hidden_size, output_size)}, options);
-    small_batch::pack_unit_panels(
-        weight_hh_c.const_data_ptr<float>(), 4 * hidden_size, output_size, unit_panels.mutable_data_ptr<float>());
-    // The projection's backward product: grad of o * tanh(c) = grad_hidden weight_hr.
-    const at::Tensor projection_unit_panels =
-        packed_projection(weight_hr, small_batch::unit_panels_size, small_batch::pack_unit_panels);
-    at::Tensor grad_unprojected = weight_hr.has_value() ? at::empty({batch, hidden_size}, options) : at::Tensor();
     const at::Tensor cx_c = cx.contiguous();
     const at::Tensor cell_states_c = cell_states.contiguous(), gates_c = gates.contiguous();
     at::Tensor grad_hidden = at::empty({batch, output_size}, options);
     at::Tensor grad_cell = at::empty({batch, hidden_size}, options);
-    cpu::small_batch::sequence_backward(
-        {steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, unit_panels.const_data_ptr<float>(),
-         data_or_null<float>(projection_unit_panels), mutable_data_or_null<float>(grad_unprojected),
-         mutable_data_or_null<float>(grad_outputs),
-         cx_c.const_data_ptr<float>(), cell_states_c.const_data_ptr<float>(), gates_c.const_data_ptr<float>(),
-         data_or_null<float>(grad_output_c), data_or_null<float>(grad_cell_states_c),
-         data_or_null<float>(grad_gates_c), data_or_null<float>(grad_hy_c), data_or_null<float>(grad_cy_c),
-         grad_preactivations.mutable_data_ptr<float>(),
-         grad_hx.mutable_data_ptr<float>(), grad_cx.mutable_data_ptr<float>(), grad_hidden.mutable_data_ptr<float>(),
-         grad_cell.mutable_data_ptr<float>()},
-        small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
+    at::Tensor grad_unprojected = weight_hr.has_value() ? at::empty({batch, hidden_size}, options) : at::Tensor();
+    with_storage_type(input.scalar_type(), [&](auto type) {
+      using T = typename decltype(type)::type;
+      using Packing = RecurrencePacking<T>;
+      // weight (weight_hh, [4 * hidden, output_size]; weight_hr, [proj_size, hidden]) in the
+      // panels of the products grad_rows weight, read along its rows.
+      const auto unit_panels = [&](const at::Tensor& weight) {
+        const at::Tensor weight_c = weight.contiguous();
+        at::Tensor panels = at::empty({Packing::unit_panels_size(weight_c.size(0), weight_c.size(1))}, options);
+        Packing::pack_unit_panels(elements<T>(weight_c), weight_c.size(0), weight_c.size(1), mutable_elements<T>(panels));
+        return panels;
+      };
+      const at::Tensor weight_hh_panels = unit_panels(weight_hh);
+      // The projection's backward product: grad of o * tanh(c) = grad_hidden weight_hr.
+      const at::Tensor projection_panels = weight_hr.has_value() ? unit_panels(*weight_hr) : at::Tensor();
+      cpu::small_batch::sequence_backward(
+          cpu::small_batch::SequenceBackwardOf<T>{
+              steps.data(), static_cast<int64_t>(steps.size()), hidden_size, output_size, elements<T>(weight_hh_panels),
+              elements<T>(projection_panels), mutable_elements<T>(grad_unprojected), mutable_elements<T>(grad_outputs),
+              elements<T>(cx_c), elements<T>(cell_states_c), elements<T>(gates_c), elements<T>(grad_output_c),
+              elements<T>(grad_cell_states_c), elements<T>(grad_gates_c), elements<T>(grad_hy_c),
+              elements<T>(grad_cy_c), mutable_elements<T>(grad_preactivations), mutable_elements<T>(grad_hx),
+              mutable_elements<T>(grad_cx), mutable_elements<T>(grad_hidden), mutable_elements<T>(grad_cell)},
+          small_batch_threads(batch, hidden_size, output_size, weight_hr.has_value()));
+    });
   } else {
     grad_preactivations = keep_gate_grads ? new_output({total_rows, 4 * hidden_size}, options) : at::Tensor();
     loop_backward(grad_output, grad_hy, grad_cy, grad_cell_states, grad_gates, hx, cx, weight_hh, weight_hr, cell_states,

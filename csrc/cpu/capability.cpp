@@ -258,6 +258,18 @@ void sequence_forward(const SequenceForwardOf<BFloat16Bits>& args, int threads) 
 void sequence_forward(const SequenceForwardOf<HalfBits>& args, int threads) {
   kernels().half_sequence_forward(args, threads);
 }
+void pack_pair_unit_panels(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels) {
+  kernels().pack_bfloat16_pair_unit_panels(weight, rows, units, panels);
+}
+void pack_pair_unit_panels(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels) {
+  kernels().pack_half_pair_unit_panels(weight, rows, units, panels);
+}
+void sequence_backward(const SequenceBackwardOf<BFloat16Bits>& args, int threads) {
+  kernels().bfloat16_sequence_backward(args, threads, native_bfloat16_products());
+}
+void sequence_backward(const SequenceBackwardOf<HalfBits>& args, int threads) {
+  kernels().half_sequence_backward(args, threads);
+}
 
 namespace {
 // For the tests: whether bfloat16 products may use AVX512-BF16 (where the CPU has it), returning

@@ -173,30 +173,45 @@ bool native_bfloat16_products();
 // pack_unit_panels; null: none) grad_unprojected is scratch of [batch, hidden] and grad_outputs
 // receives every row's gradient of its (projected) hidden state, [rows, output_size], for the
 // projection's weight gradient.
-struct SequenceBackward {
+//
+// In bfloat16 and float16 (T: BFloat16Bits, HalfBits) every tensor, the scratch too, is in the
+// dtype and the panels are packed by pack_pair_unit_panels: each step's products accumulate in
+// float32 and its cell math runs in float32, each result rounded to the dtype once on store, as
+// the library loop's ops round theirs.
+template <typename T>
+struct SequenceBackwardOf {
   const RecurrenceStep* steps;
   int64_t num_steps;
   int64_t hidden_size;
   int64_t output_size;
-  const float* unit_panels;
-  const float* projection_unit_panels;  // may be null
-  float* grad_unprojected;              // with projection_unit_panels
-  float* grad_outputs;                  // with projection_unit_panels
-  const float* cx;
-  const float* cell_states;
-  const float* gates;
-  const float* grad_output;
-  const float* grad_cell_states;
-  const float* grad_gates;
-  const float* grad_hy;
-  const float* grad_cy;
-  float* grad_preactivations;
-  float* grad_hx;
-  float* grad_cx;
-  float* grad_hidden;
-  float* grad_cell;
+  const T* unit_panels;
+  const T* projection_unit_panels;  // may be null
+  T* grad_unprojected;              // with projection_unit_panels
+  T* grad_outputs;                  // with projection_unit_panels
+  const T* cx;
+  const T* cell_states;
+  const T* gates;
+  const T* grad_output;
+  const T* grad_cell_states;
+  const T* grad_gates;
+  const T* grad_hy;
+  const T* grad_cy;
+  T* grad_preactivations;
+  T* grad_hx;
+  T* grad_cx;
+  T* grad_hidden;
+  T* grad_cell;
 };
+using SequenceBackward = SequenceBackwardOf<float>;
 void sequence_backward(const SequenceBackward& args, int threads);
+void sequence_backward(const SequenceBackwardOf<BFloat16Bits>& args, int threads);
+void sequence_backward(const SequenceBackwardOf<HalfBits>& args, int threads);
+
+// A 16-bit weight [rows, units] as the reduced-precision backward multiplies it, out[b, unit] =
+// sum over r of g_b[r] weight[r, unit]: panels of a float vector's lanes of units, the reduction
+// over its rows in pairs. pair_panels_size(units, rows) elements.
+void pack_pair_unit_panels(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels);
+void pack_pair_unit_panels(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels);
 
 }  // namespace small_batch
 }  // namespace cpu

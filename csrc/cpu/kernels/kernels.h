@@ -104,6 +104,12 @@ struct Kernels {
                                          BFloat16Bits* panels);
   void (*pack_half_pair_gate_panels)(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size,
                                      HalfBits* panels);
+  // Their backward, over weight_hh's 16-bit unit panels.
+  void (*pack_bfloat16_pair_unit_panels)(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels);
+  void (*pack_half_pair_unit_panels)(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels);
+  void (*bfloat16_sequence_backward)(const small_batch::SequenceBackwardOf<BFloat16Bits>& args, int threads,
+                                     bool native_bfloat16);
+  void (*half_sequence_backward)(const small_batch::SequenceBackwardOf<HalfBits>& args, int threads);
 };
 
 // The table in use (capability.cpp).

@@ -76,6 +76,22 @@ void pack_pair_panels(const T* weight, int64_t rows, int64_t reduction, T* panel
   }
 }
 
+// A [rows, units] weight (row-major) as panels of kPairLanes of its units, the reduction over its
+// rows: the backward's panels of weight_hh, read along its rows (no transposing copy).
+template <typename T>
+void pack_pair_unit_panels(const T* weight, int64_t rows, int64_t units, T* panels) {
+  for (int64_t panel = 0; panel < pair_panel_count(units); ++panel) {
+    T* to = panels + panel * pair_panel_size(rows);
+    for (int64_t k = 0; k < pair_reduction(rows); ++k) {
+      for (int64_t lane = 0; lane < kPairLanes; ++lane) {
+        const int64_t unit = panel * kPairLanes + lane;
+        to[k / 2 * 2 * kPairLanes + pair_slot(to, lane, k % 2)] =
+            k < rows && unit < units ? weight[k * units + unit] : T{0};
+      }
+    }
+  }
+}
+
 // Pairs of any 16-bit dtype widened to float: two FMAs a pair, each state value broadcast as a
 // float (the state rows are widened once per product call).
 template <typename T>

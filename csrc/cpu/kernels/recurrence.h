@@ -92,7 +92,6 @@ void transpose_rows(const std::byte* rows, int64_t row_bytes, int64_t lanes, int
       std::byte* out = to + (first * Vec::kWidth + lane) * kSize;
       const std::byte* from = rows + lane * row_bytes + first * kSize;
       const bool zero = lane >= lanes;
-#pragma GCC unroll 16
       for (int64_t j = 0; j < n; ++j) {
         Element value{};
         if (!zero) {

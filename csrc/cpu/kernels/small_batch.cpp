@@ -25,6 +25,7 @@ using small_batch::kMaxSequenceBatch;
 using small_batch::kMaxCellBatch;
 using small_batch::CellForward;
 using small_batch::SequenceBackward;
+using small_batch::SequenceBackwardOf;
 using small_batch::SequenceForward;
 using small_batch::SequenceForwardOf;
 
@@ -529,7 +530,7 @@ void outer_product_rows(
 
 // Units after the last full vector go through the same vector code on a zero-padded copy, so the
 // path never runs a scalar formula compiled for this instruction set that a file without it might
-// share. T: the storage dtype (float; BFloat16Bits and HalfBits for the forward of those dtypes).
+// share. T: the storage dtype (float, BFloat16Bits or HalfBits).
 template <typename T = float>
 struct PaddedUnitsOf {
   T gates[kGates][kLanes] = {};
@@ -543,7 +544,6 @@ struct PaddedUnitsOf {
   T grad_cell[kLanes] = {};
   T grad_cell_prev[kLanes] = {};
 };
-using PaddedUnits = PaddedUnitsOf<float>;
 
 template <typename T>
 GateRows<T> padded_rows(T (&rows)[kGates][kLanes]) {
@@ -602,42 +602,63 @@ void pointwise_forward(
 
 // Gate pre-activation gradients and grad_cell_prev (which may be grad_cell itself: each unit is
 // read before it is written). grad_gates may be null.
+// T: the storage dtype, as pointwise_forward's.
+template <typename T>
 void pointwise_backward(
-    const float* gates_row,
-    const float* grad_gates_row,
-    const float* cell_prev,
-    const float* cell_next,
-    const float* grad_hidden,
-    const float* grad_cell,
-    float* grad_preactivation_row,
-    float* grad_cell_prev,
+    const T* gates_row,
+    const T* grad_gates_row,
+    const T* cell_prev,
+    const T* cell_next,
+    const T* grad_hidden,
+    const T* grad_cell,
+    T* grad_preactivation_row,
+    T* grad_cell_prev,
     int64_t hidden_size,
     int64_t first,
     int64_t end) {
-  const GateRows<const float> gates = gate_rows(gates_row, hidden_size);
-  const GateRows<const float> grad_gates = gate_rows(grad_gates_row, hidden_size);
-  const GateRows<float> grad_preactivation = gate_rows(grad_preactivation_row, hidden_size);
-  const auto units = backward_units_for<VecLanes>(true, true, grad_gates_row != nullptr);
+  const GateRows<const T> gates = gate_rows(gates_row, hidden_size);
+  const GateRows<const T> grad_gates = gate_rows(grad_gates_row, hidden_size);
+  const GateRows<T> grad_preactivation = gate_rows(grad_preactivation_row, hidden_size);
+  const auto units = backward_units_for<VecLanesOf<T>>(true, true, grad_gates_row != nullptr);
   const int64_t done =
       units(gates, grad_gates, cell_prev, cell_next, grad_hidden, grad_cell, grad_preactivation, grad_cell_prev, first, end);
   const int64_t count = end - done;
   if (count == 0) {
     return;
   }
-  PaddedUnits pad;
+  PaddedUnitsOf<T> pad;
   copy_gates_in(pad.gates, gates, done, count);
   if (grad_gates_row != nullptr) {
     copy_gates_in(pad.grad_gates, grad_gates, done, count);
   }
-  std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(float));
-  std::memcpy(pad.cell_next, cell_next + done, count * sizeof(float));
-  std::memcpy(pad.grad_hidden, grad_hidden + done, count * sizeof(float));
-  std::memcpy(pad.grad_cell, grad_cell + done, count * sizeof(float));
-  cpu::backward_units<VecLanes, true, true, true>(
+  std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(T));
+  std::memcpy(pad.cell_next, cell_next + done, count * sizeof(T));
+  std::memcpy(pad.grad_hidden, grad_hidden + done, count * sizeof(T));
+  std::memcpy(pad.grad_cell, grad_cell + done, count * sizeof(T));
+  cpu::backward_units<VecLanesOf<T>, true, true, true>(
       as_const(padded_rows(pad.gates)), as_const(padded_rows(pad.grad_gates)), pad.cell_prev, pad.cell_next,
       pad.grad_hidden, pad.grad_cell, padded_rows(pad.grad_preactivation), pad.grad_cell_prev, 0, kLanes);
   copy_gates_out(grad_preactivation, pad.grad_preactivation, done, count);
-  std::memcpy(grad_cell_prev + done, pad.grad_cell_prev, count * sizeof(float));
+  std::memcpy(grad_cell_prev + done, pad.grad_cell_prev, count * sizeof(T));
+}
+
+// to[j] += from[j] for j < count (nothing where from is null), added in float and rounded to T once.
+template <typename T>
+void add_into(T* to, const T* from, int64_t count) {
+  if (from == nullptr) {
+    return;
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+    store_narrowed(to + j, load_widened(to + j) + load_widened(from + j));
+  }
+  if (j < count) {
+    T sum[kLanes] = {}, addend[kLanes] = {};
+    std::memcpy(sum, to + j, (count - j) * sizeof(T));
+    std::memcpy(addend, from + j, (count - j) * sizeof(T));
+    store_narrowed(sum, load_widened(sum) + load_widened(addend));
+    std::memcpy(to + j, sum, (count - j) * sizeof(T));
+  }
 }
 
 // --- threads ---
@@ -917,7 +938,11 @@ constexpr void (*bfloat16_sequence_forward)(const SequenceForwardOf<BFloat16Bits
 constexpr void (*half_sequence_forward)(const SequenceForwardOf<HalfBits>&, int) = nullptr;
 #endif
 
-void sequence_backward(const SequenceBackward& a, int threads) {
+// The backward for storage T: make_products() gives each thread its products, as
+// sequence_forward_with's, over unit panels of panel_size(reduction) elements each.
+template <typename T, typename PanelSize, typename MakeProducts>
+void sequence_backward_with(const SequenceBackwardOf<T>& a, int threads, PanelSize panel_size,
+                            const MakeProducts& make_products) {
   const int64_t hidden_size = a.hidden_size;
   const int64_t output_size = a.output_size;
   const int64_t gate_width = 4 * hidden_size;
@@ -932,7 +957,8 @@ void sequence_backward(const SequenceBackward& a, int threads) {
     const int64_t first = share.first_unit, end = share.end_unit;
     const int64_t first_output = share.first_output, end_output = share.end_output;
     const int64_t width = end - first, output_width = end_output - first_output;
-    const float* grad_rows[kMaxBatch];
+    auto panel_products = make_products();
+    const T* grad_rows[kMaxBatch];
     for (int64_t k = a.num_steps - 1; k >= 0; --k) {
       const RecurrenceStep& step = a.steps[k];
       const int64_t rows = share.rows_at(step);
@@ -941,33 +967,30 @@ void sequence_backward(const SequenceBackward& a, int threads) {
       const int64_t end_output_row = share.first_row + output_rows;
       // A sequence's last step: its gradients start from h_n's and c_n's.
       for (int64_t b = std::max(step.ending, share.first_row); b < end_output_row; ++b) {
-        float* grad_hidden = a.grad_hidden + b * output_size + first_output;
-        a.grad_hy ? (void)std::memcpy(grad_hidden, a.grad_hy + b * output_size + first_output, output_width * sizeof(float))
-                  : (void)std::fill(grad_hidden, grad_hidden + output_width, 0.0f);
+        T* grad_hidden = a.grad_hidden + b * output_size + first_output;
+        a.grad_hy ? (void)std::memcpy(grad_hidden, a.grad_hy + b * output_size + first_output, output_width * sizeof(T))
+                  : (void)std::fill(grad_hidden, grad_hidden + output_width, T{});
       }
       for (int64_t b = std::max(step.ending, share.first_row); b < end_row; ++b) {
-        float* grad_cell = a.grad_cell + b * hidden_size + first;
-        a.grad_cy ? (void)std::memcpy(grad_cell, a.grad_cy + b * hidden_size + first, width * sizeof(float))
-                  : (void)std::fill(grad_cell, grad_cell + width, 0.0f);
+        T* grad_cell = a.grad_cell + b * hidden_size + first;
+        a.grad_cy ? (void)std::memcpy(grad_cell, a.grad_cy + b * hidden_size + first, width * sizeof(T))
+                  : (void)std::fill(grad_cell, grad_cell + width, T{});
       }
       for (int64_t b = share.first_row; b < end_output_row; ++b) {
         const int64_t row = step.offset + b;
-        float* grad_hidden = a.grad_hidden + b * output_size;
-        for (int64_t j = first_output; j < end_output; ++j) {
-          grad_hidden[j] += a.grad_output ? a.grad_output[row * output_size + j] : 0.0f;
-        }
+        T* grad_hidden = a.grad_hidden + b * output_size;
+        add_into(grad_hidden + first_output, a.grad_output ? a.grad_output + row * output_size + first_output : nullptr,
+                 output_width);
         if (projecting) {
           // Kept for the projection's weight gradient, one product over all steps afterwards.
           std::memcpy(a.grad_outputs + row * output_size + first_output, grad_hidden + first_output,
-                      output_width * sizeof(float));
+                      output_width * sizeof(T));
         }
       }
       for (int64_t b = share.first_row; b < end_row; ++b) {
         const int64_t row = step.offset + b;
-        float* grad_cell = a.grad_cell + b * hidden_size;
-        for (int64_t j = first; j < end; ++j) {
-          grad_cell[j] += a.grad_cell_states ? a.grad_cell_states[row * hidden_size + j] : 0.0f;
-        }
+        add_into(a.grad_cell + b * hidden_size + first,
+                 a.grad_cell_states ? a.grad_cell_states + row * hidden_size + first : nullptr, width);
       }
       if (projecting) {
         // The gradient of o * tanh(c) for this thread's units reads every feature of grad_hidden.
@@ -978,16 +1001,16 @@ void sequence_backward(const SequenceBackward& a, int threads) {
           for (int64_t i = 0; i < rows; ++i) {
             grad_rows[i] = a.grad_hidden + (share.first_row + i) * output_size;
           }
-          panel_products(grad_rows, rows, output_size, a.projection_unit_panels + first / kLanes * output_size * kLanes,
+          panel_products(grad_rows, rows, output_size, a.projection_unit_panels + first / kLanes * panel_size(output_size),
                          width, a.grad_unprojected + share.first_row * hidden_size + first, hidden_size,
                          /*accumulate=*/false);
         }
       }
       for (int64_t b = share.first_row; b < end_row; ++b) {
         const int64_t row = step.offset + b;
-        const float* grad_cell_output = projecting ? a.grad_unprojected + b * hidden_size : a.grad_hidden + b * hidden_size;
-        float* grad_cell = a.grad_cell + b * hidden_size;
-        const float* cell_prev = state_row(step, b, a.cell_states, a.cx, hidden_size);
+        const T* grad_cell_output = projecting ? a.grad_unprojected + b * hidden_size : a.grad_hidden + b * hidden_size;
+        T* grad_cell = a.grad_cell + b * hidden_size;
+        const T* cell_prev = state_row(step, b, a.cell_states, a.cx, hidden_size);
         pointwise_backward(a.gates + row * gate_width, a.grad_gates ? a.grad_gates + row * gate_width : nullptr,
                            cell_prev, a.cell_states + row * hidden_size, grad_cell_output, grad_cell,
                            a.grad_preactivations + row * gate_width, grad_cell, hidden_size, first, end);
@@ -1002,21 +1025,62 @@ void sequence_backward(const SequenceBackward& a, int threads) {
         for (int64_t i = 0; i < output_rows; ++i) {
           grad_rows[i] = a.grad_preactivations + (step.offset + share.first_row + i) * gate_width;
         }
-        panel_products(grad_rows, output_rows, gate_width, a.unit_panels + first_output / kLanes * gate_width * kLanes,
+        panel_products(grad_rows, output_rows, gate_width, a.unit_panels + first_output / kLanes * panel_size(gate_width),
                        output_width, a.grad_hidden + share.first_row * output_size + first_output, output_size,
                        /*accumulate=*/false);
       }
       // Sequences that start here: their gradient is the initial state's.
       for (int64_t b = std::max(step.carried, share.first_row); b < end_output_row; ++b) {
         std::memcpy(a.grad_hx + b * output_size + first_output, a.grad_hidden + b * output_size + first_output,
-                    output_width * sizeof(float));
+                    output_width * sizeof(T));
       }
       for (int64_t b = std::max(step.carried, share.first_row); b < end_row; ++b) {
-        std::memcpy(a.grad_cx + b * hidden_size + first, a.grad_cell + b * hidden_size + first, width * sizeof(float));
+        std::memcpy(a.grad_cx + b * hidden_size + first, a.grad_cell + b * hidden_size + first, width * sizeof(T));
       }
     }
   });
 }
+
+void sequence_backward(const SequenceBackward& a, int threads) {
+  sequence_backward_with(
+      a, threads, [](int64_t reduction) { return reduction * kLanes; },
+      [] { return [](auto&&... args) { panel_products(args...); }; });
+}
+
+// The bfloat16 and float16 backward: 16-bit unit panels, products through pair_products.h.
+template <typename T>
+void reduced_sequence_backward(const SequenceBackwardOf<T>& a, int threads, PairProductsFn<T>* products) {
+  // Each thread's gradient rows widened (or copied) once per product call, for the longest
+  // reduction (the gate gradients' 4 * hidden).
+  const int64_t scratch_bytes =
+      kMaxSequenceBatch * factor_stride(std::max(4 * a.hidden_size, a.output_size)) * static_cast<int64_t>(sizeof(float));
+  sequence_backward_with(a, threads, pair_panel_size, [&] {
+    return [products, scratch = std::vector<std::byte>(scratch_bytes)](
+               const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns, T* out,
+               int64_t out_stride, bool accumulate) mutable {
+      products(rows, batch, reduction, panels, columns, out, out_stride, accumulate, scratch.data());
+    };
+  });
+}
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON)
+void bfloat16_sequence_backward(const SequenceBackwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (native_bfloat16) {
+    return reduced_sequence_backward<BFloat16Bits>(a, threads, native_bfloat16_products);
+  }
+#endif
+  (void)native_bfloat16;
+  reduced_sequence_backward<BFloat16Bits>(a, threads, pair_products<WidenedPairs<BFloat16Bits>>);
+}
+
+void half_sequence_backward(const SequenceBackwardOf<HalfBits>& a, int threads) {
+  reduced_sequence_backward<HalfBits>(a, threads, pair_products<WidenedPairs<HalfBits>>);
+}
+#else
+constexpr void (*bfloat16_sequence_backward)(const SequenceBackwardOf<BFloat16Bits>&, int, bool) = nullptr;
+constexpr void (*half_sequence_backward)(const SequenceBackwardOf<HalfBits>&, int) = nullptr;
+#endif
 
 }  // namespace
 
@@ -1049,6 +1113,10 @@ const Kernels table = {
     gate_panels_size_of<pair_panels_size>,
     kHasPairProducts ? pack_gate_panels_of<BFloat16Bits, pair_panels_size, pack_pair_panels<BFloat16Bits>> : nullptr,
     kHasPairProducts ? pack_gate_panels_of<HalfBits, pair_panels_size, pack_pair_panels<HalfBits>> : nullptr,
+    kHasPairProducts ? pack_pair_unit_panels<BFloat16Bits> : nullptr,
+    kHasPairProducts ? pack_pair_unit_panels<HalfBits> : nullptr,
+    bfloat16_sequence_backward,
+    half_sequence_backward,
 };
 
 }  // namespace CPU_CAPABILITY
