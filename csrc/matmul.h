@@ -4,9 +4,11 @@
 // at::mm, which calls MKL: on the AMD EPYC of our CI, MKL's float32 GEMM runs its AVX2 code and
 // takes 2.3-2.5x oneDNN's AVX-512 time at every shape the LSTM uses (one thread: a step's
 // [8,256]x[256,1024] 60 against 33 us, [512,256]x[256,1024] 2.35 against 1.02 ms). nn.LSTM itself
-// runs on oneDNN there. Everything else (CUDA; float64, which oneDNN lacks; bfloat16 and float16,
-// which ATen already sends to oneDNN) goes through at::mm, and so do products under about a million
-// multiply-adds, where oneDNN's fixed cost per call (~10 us against MKL's ~2) outweighs its speed.
+// runs on oneDNN there. float16 products on x86 CPUs without AVX512-FP16 run in float32 (ATen's
+// float16 GEMM there is a slow generic loop: matmul.cpp). Everything else (CUDA; float64, which
+// oneDNN lacks; bfloat16, which ATen already sends to oneDNN) goes through at::mm, and so do
+// products under about a million multiply-adds, where oneDNN's fixed cost per call (~10 us against
+// MKL's ~2) outweighs its speed.
 #pragma once
 
 #include <ATen/core/Tensor.h>
