@@ -160,7 +160,7 @@ bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
 // bfloat16 and float16 sequences take the fused recurrence and its backward with 16-bit panels
 // too: at batch 1-64, T = 64, hidden 128-1024 each step's library product and pointwise pass cost
 // more than the whole fused step.
-bool takes_fused_forward(const at::Tensor& input, const at::Tensor& hx) {
+bool takes_fused_recurrence(const at::Tensor& input, const at::Tensor& hx) {
   const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
   return takes_small_batch_path(input, hx) ||
       (input.device().is_cpu() && reduced && cpu::small_batch::handles_reduced_sequence(hx.size(0)));
@@ -293,8 +293,6 @@ int small_batch_threads(int64_t batch, int64_t hidden_size, int64_t output_size,
   return cpu::small_batch::threads_for(multiply_adds, at::get_num_threads());
 }
 
-
-
 }  // namespace
 
 SequenceForwardOutputs sequence_forward_loop(
@@ -327,7 +325,7 @@ SequenceForwardOutputs sequence_forward_loop(
   at::Tensor cy = new_output({batch, hidden_size}, options);
 
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  if (takes_fused_forward(input, hx)) {
+  if (takes_fused_recurrence(input, hx)) {
     const at::Tensor hx_c = hx.contiguous(), cx_c = cx.contiguous();
     gates = gates.contiguous();
     with_storage_type(input.scalar_type(), [&](auto type) {
@@ -383,7 +381,7 @@ SequenceInferenceOutputs sequence_inference_cpu(
     const std::optional<at::Tensor>& bias_hh,
     bool reverse,
     const std::optional<at::Tensor>& weight_hr) {
-  if (!takes_fused_forward(input, hx)) {
+  if (!takes_fused_recurrence(input, hx)) {
     const auto [output, hy, cy, cell_states, gates] =
         sequence_forward_loop(input, batch_sizes, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, reverse, weight_hr);
     return {output, hy, cy};
@@ -581,7 +579,7 @@ SequenceBackwardOutputs sequence_backward_loop(
   // Every step's gradient of its (projected) hidden state, for the projection's weight gradient.
   at::Tensor grad_outputs = weight_hr.has_value() ? new_output({total_rows, output_size}, options) : at::Tensor();
   const std::vector<Step> steps = visiting_order(sizes, reverse);
-  if (takes_fused_forward(input, hx)) {
+  if (takes_fused_recurrence(input, hx)) {
     // The fused recurrence writes every step's gate gradients whether or not they are kept.
     grad_preactivations = new_output({total_rows, 4 * hidden_size}, options);
     const at::Tensor grad_output_c = contiguous_or_undefined(grad_output);

@@ -898,18 +898,19 @@ template <typename T>
 using PairProductsFn = void(const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns,
                             T* out, int64_t out_stride, bool accumulate, std::byte* scratch);
 
+// Each thread's products through `products`, its rows widened (or copied) once per call into
+// scratch of kMaxSequenceBatch rows of the longest reduction, longest_reduction.
 template <typename T>
-void reduced_sequence_forward(const SequenceForwardOf<T>& a, int threads, PairProductsFn<T>* products) {
-  // Each thread's rows widened (or copied) once per product call, for the longest reduction.
+auto pair_products_per_thread(PairProductsFn<T>* products, int64_t longest_reduction) {
   const int64_t scratch_bytes =
-      kMaxSequenceBatch * factor_stride(std::max(a.hidden_size, a.output_size)) * static_cast<int64_t>(sizeof(float));
-  sequence_forward_with(a, threads, pair_panel_size, [&] {
+      kMaxSequenceBatch * factor_stride(longest_reduction) * static_cast<int64_t>(sizeof(float));
+  return [products, scratch_bytes] {
     return [products, scratch = std::vector<std::byte>(scratch_bytes)](
                const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns, T* out,
                int64_t out_stride, bool accumulate) mutable {
       products(rows, batch, reduction, panels, columns, out, out_stride, accumulate, scratch.data());
     };
-  });
+  };
 }
 
 int64_t pair_panels_size(int64_t rows, int64_t reduction) {
@@ -919,18 +920,30 @@ int64_t pair_panels_size(int64_t rows, int64_t reduction) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON)
 constexpr bool kHasPairProducts = true;
 
-void bfloat16_sequence_forward(const SequenceForwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
+// AVX512-BF16's products for bfloat16 where asked (capability.cpp asks only where the CPU has
+// them), the widened ones otherwise.
+template <typename T>
+PairProductsFn<T>* pair_products_for(bool native_bfloat16) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if (native_bfloat16) {
-    return reduced_sequence_forward<BFloat16Bits>(a, threads, native_bfloat16_products);
+  if constexpr (std::is_same_v<T, BFloat16Bits>) {
+    if (native_bfloat16) {
+      return native_bfloat16_products;
+    }
   }
 #endif
   (void)native_bfloat16;
-  reduced_sequence_forward<BFloat16Bits>(a, threads, pair_products<WidenedPairs<BFloat16Bits>>);
+  return pair_products<WidenedPairs<T>>;
+}
+
+void bfloat16_sequence_forward(const SequenceForwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
+  sequence_forward_with(a, threads, pair_panel_size,
+                        pair_products_per_thread(pair_products_for<BFloat16Bits>(native_bfloat16),
+                                                 std::max(a.hidden_size, a.output_size)));
 }
 
 void half_sequence_forward(const SequenceForwardOf<HalfBits>& a, int threads) {
-  reduced_sequence_forward<HalfBits>(a, threads, pair_products<WidenedPairs<HalfBits>>);
+  sequence_forward_with(a, threads, pair_panel_size,
+                        pair_products_per_thread(pair_products_for<HalfBits>(false), std::max(a.hidden_size, a.output_size)));
 }
 #else
 constexpr bool kHasPairProducts = false;
@@ -1047,35 +1060,19 @@ void sequence_backward(const SequenceBackward& a, int threads) {
       [] { return [](auto&&... args) { panel_products(args...); }; });
 }
 
-// The bfloat16 and float16 backward: 16-bit unit panels, products through pair_products.h.
-template <typename T>
-void reduced_sequence_backward(const SequenceBackwardOf<T>& a, int threads, PairProductsFn<T>* products) {
-  // Each thread's gradient rows widened (or copied) once per product call, for the longest
-  // reduction (the gate gradients' 4 * hidden).
-  const int64_t scratch_bytes =
-      kMaxSequenceBatch * factor_stride(std::max(4 * a.hidden_size, a.output_size)) * static_cast<int64_t>(sizeof(float));
-  sequence_backward_with(a, threads, pair_panel_size, [&] {
-    return [products, scratch = std::vector<std::byte>(scratch_bytes)](
-               const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns, T* out,
-               int64_t out_stride, bool accumulate) mutable {
-      products(rows, batch, reduction, panels, columns, out, out_stride, accumulate, scratch.data());
-    };
-  });
-}
-
+// The bfloat16 and float16 backward: 16-bit unit panels, products through pair_products.h (the
+// longest reduction: the gate gradients' 4 * hidden).
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_NEON)
 void bfloat16_sequence_backward(const SequenceBackwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (native_bfloat16) {
-    return reduced_sequence_backward<BFloat16Bits>(a, threads, native_bfloat16_products);
-  }
-#endif
-  (void)native_bfloat16;
-  reduced_sequence_backward<BFloat16Bits>(a, threads, pair_products<WidenedPairs<BFloat16Bits>>);
+  sequence_backward_with(a, threads, pair_panel_size,
+                         pair_products_per_thread(pair_products_for<BFloat16Bits>(native_bfloat16),
+                                                  std::max(4 * a.hidden_size, a.output_size)));
 }
 
 void half_sequence_backward(const SequenceBackwardOf<HalfBits>& a, int threads) {
-  reduced_sequence_backward<HalfBits>(a, threads, pair_products<WidenedPairs<HalfBits>>);
+  sequence_backward_with(a, threads, pair_panel_size,
+                         pair_products_per_thread(pair_products_for<HalfBits>(false),
+                                                  std::max(4 * a.hidden_size, a.output_size)));
 }
 #else
 constexpr void (*bfloat16_sequence_backward)(const SequenceBackwardOf<BFloat16Bits>&, int, bool) = nullptr;
