@@ -222,3 +222,27 @@ def test_the_fused_path_makes_no_product_per_step(helpers, dtype):
     # The backward: the input and weight gradients, a few products per direction over all steps.
     assert _products_per_call(fused, x, backward=True) <= 6, "the backward's library loop ran"
     assert _products_per_call(fused, helpers.randn(steps, 65, 8).to(dtype), backward=True) >= 2 * steps
+
+
+# return_states' cell states and gates carry gradients into the fused backward (grad_cell_states,
+# grad_gates), float32's too. nn has no such outputs: judged against lf.LSTM in float64 on the
+# same rounded weights (the library loop, exact to float64), within two of the dtype's eps for
+# 16 bits (Zen 5, every path: at most 0.95) and 1e-5 for float32.
+@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (1, 4, 5)])
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float32], ids=str)
+def test_state_gradients_against_float64(helpers, capability, threads, dtype, lengths, input_size, hidden_size):
+    fused, _, _ = _lstms(input_size, hidden_size, dtype)
+    exact = lf.LSTM(input_size, hidden_size, bidirectional=True, dtype=torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+    packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (hidden_size, hidden_size), dtype)
+    ours_all = _gradients(fused, packed, h_0, c_0, dtype, with_states=True)
+    reference_all = _gradients(exact, packed, h_0, c_0, torch.float64, with_states=True)
+    without_states = _gradients(exact, packed, h_0, c_0, torch.float64)
+    eps = torch.finfo(dtype).eps
+    limit = 1e-5 if dtype == torch.float32 else 2 * eps
+    for index, (ours, reference, plain) in enumerate(zip(ours_all, reference_all, without_states, strict=True)):
+        assert not torch.isnan(ours).any(), f"gradient {index}: an element was left unwritten (NaN-poisoned)"
+        # The states' terms must matter, or the check says nothing about them.
+        assert helpers.relative_error(plain, reference) > 10 * eps, f"gradient {index}: the states' terms vanish"
+        error = helpers.relative_error(ours, reference)
+        assert error <= limit, f"gradient {index}: relative error {error:.2e} against float64"
