@@ -90,8 +90,8 @@ void transpose_rows(const std::byte* rows, int64_t row_bytes, int64_t lanes, int
   const auto block = [&](int64_t first, auto n) {
     for (int64_t lane = 0; lane < Vec::kWidth; ++lane) {
       std::byte* out = to + (first * Vec::kWidth + lane) * kSize;
-      const std::byte* from = rows + lane * row_bytes + first * kSize;
-      const bool zero = lane >= lanes;
+      const bool zero = lane >= lanes;  // past the weight's last row
+      const std::byte* from = zero ? nullptr : rows + lane * row_bytes + first * kSize;
       for (int64_t j = 0; j < n; ++j) {
         Element value{};
         if (!zero) {
