@@ -62,18 +62,28 @@ def native_bfloat16_products(allowed):
 CPU_CAPABILITIES = lf.supported_cpu_capabilities()
 
 
-def _native_bfloat16_settings():
-    """False always (the widened products); True as well where some path of this CPU has
-    AVX512-BF16's dot products."""
-    with native_bfloat16_products(True):
-        has_native = []
+def bfloat16_tiles(allowed):
+    """Whether AVX512-BF16's bfloat16 products may run on AMX's tiles (where the CPU has AMX), for
+    a with block."""
+    return _setting(torch.ops.lstm_fused._set_bfloat16_tiles, allowed)
+
+
+def _bfloat16_products_settings():
+    """"widened" always (the products every CPU runs); "vdpbf16ps" as well where some path of this
+    CPU has AVX512-BF16's dot products, and "amx" where it also has AMX's tiles."""
+    settings = ["widened"]
+    with native_bfloat16_products(True), bfloat16_tiles(True):
         for name in CPU_CAPABILITIES:
             with cpu_capability(name):
-                has_native.append(torch.ops.lstm_fused._native_bfloat16_products())
-    return [False, True] if any(has_native) else [False]
+                if torch.ops.lstm_fused._native_bfloat16_products():
+                    settings.append("vdpbf16ps")
+                    if torch.ops.lstm_fused._bfloat16_tiles():
+                        settings.append("amx")
+                    break
+    return settings
 
 
-NATIVE_BFLOAT16_SETTINGS = _native_bfloat16_settings()
+BFLOAT16_PRODUCTS_SETTINGS = _bfloat16_products_settings()
 
 
 # The ids are the bare counts: the seed fixture draws each test's inputs from its id.
@@ -93,10 +103,10 @@ def capability(request):
         yield request.param
 
 
-@pytest.fixture(params=NATIVE_BFLOAT16_SETTINGS, ids=lambda native: "vdpbf16ps" if native else "widened")
-def native(request):
-    """bfloat16 products widened to float, and where this CPU has them AVX512-BF16's."""
-    with native_bfloat16_products(request.param):
+@pytest.fixture(params=BFLOAT16_PRODUCTS_SETTINGS)
+def bfloat16_products(request):
+    """bfloat16 products widened to float, and where this CPU has them AVX512-BF16's and AMX's."""
+    with native_bfloat16_products(request.param != "widened"), bfloat16_tiles(request.param == "amx"):
         yield request.param
 
 

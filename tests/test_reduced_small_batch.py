@@ -103,11 +103,13 @@ def test_sequence_against_float64(helpers, capability, threads, dtype, lengths, 
 
 
 @pytest.mark.parametrize("lengths, input_size, hidden_size", CASES[:7])
-def test_bfloat16_products_with_and_without_avx512_bf16(helpers, native, threads, lengths, input_size, hidden_size):
+def test_bfloat16_products_widened_avx512_bf16_and_amx(helpers, bfloat16_products, threads, lengths, input_size,
+                                                        hidden_size):
     dtype = torch.bfloat16
     fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
     packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (hidden_size, hidden_size), dtype)
-    assert torch.ops.lstm_fused._native_bfloat16_products() == native
+    assert torch.ops.lstm_fused._native_bfloat16_products() == (bfloat16_products != "widened")
+    assert torch.ops.lstm_fused._bfloat16_tiles() == (bfloat16_products == "amx")
     _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
 
 
@@ -172,7 +174,8 @@ def test_gradients_against_float64(helpers, capability, threads, dtype, lengths,
 
 
 @pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (2, 4, 6)])
-def test_bfloat16_gradients_with_and_without_avx512_bf16(helpers, native, threads, lengths, input_size, hidden_size):
+def test_bfloat16_gradients_widened_avx512_bf16_and_amx(helpers, bfloat16_products, threads, lengths, input_size,
+                                                         hidden_size):
     dtype = torch.bfloat16
     fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
     packed, h_0, c_0 = _inputs(helpers, lengths, input_size, (hidden_size, hidden_size), dtype)

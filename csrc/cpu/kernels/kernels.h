@@ -115,6 +115,10 @@ struct Kernels {
 // The table in use (capability.cpp).
 const Kernels& kernels();
 
+// Whether the avx512 table's bfloat16 products run on AMX's tiles (bfloat16_products.cpp): where
+// the CPU has AMX-BF16, unless the tests turned it off (capability.cpp).
+bool bfloat16_tiles();
+
 #if defined(CPU_CAPABILITY)
 namespace CPU_CAPABILITY {
 // This compile's table (small_batch.cpp).
