@@ -54,11 +54,12 @@ def _packed(helpers, lengths, input_size):
 
 # The sequence's recurrence: batch <= 64 takes the small-batch path, <= 256 on avx512. Batch 4 at
 # hidden 130 splits two threads by units (a barrier per step, a share that ends in a tail); batch 9
-# at hidden 40 by rows; batch 1 runs on one thread whatever is asked; 70 (varying lengths) is past
-# the path but on avx512, 257 past it everywhere.
+# at hidden 40 by rows; batch 9 at hidden 300 by units where each thread's share of the weight
+# (720 KB) fits the CPU's L2, by rows elsewhere; batch 1 runs on one thread whatever is asked; 70
+# (varying lengths) is past the path but on avx512, 257 past it everywhere.
 @pytest.mark.parametrize("lengths, input_size, hidden_size", [
-    ([3], 2, 1), ([5, 2, 4, 1], 7, 130), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 40), ([4, 1, 3] * 23 + [2], 3, 19),
-    ([2] * 257, 3, 5),
+    ([3], 2, 1), ([5, 2, 4, 1], 7, 130), ([6, 6, 3, 5, 2, 6, 1, 4, 6], 5, 40), ([3, 2, 3, 1, 3, 3, 2, 3, 3], 4, 300),
+    ([4, 1, 3] * 23 + [2], 3, 19), ([2] * 257, 3, 5),
 ])
 def test_sequence_matches_nn(helpers, capability, threads, lengths, input_size, hidden_size):
     torch_lstm = nn.LSTM(input_size, hidden_size, bidirectional=True)

@@ -81,7 +81,8 @@ def _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, 
 
 # Hidden 1, 5, 17, 33, 130: tails of every vector width and odd reductions; batch 1-64, equal and
 # unequal lengths (packed, unsorted); batch 3 at hidden 130 splits two threads by units (a barrier a
-# step), batch 16 at hidden 64 by rows; 65 is past the path (the library loop).
+# step), batch 16 at hidden 64 by rows, batch 9 at hidden 300 by units where each thread's share
+# of the weight fits the CPU's L2; 65 is past the path (the library loop).
 CASES = [
     ([7], 3, 1),
     ([5, 2, 4, 1], 7, 5),
@@ -91,6 +92,7 @@ CASES = [
     ([3] * 16, 64, 64),
     ([4, 3, 2, 1] * 16, 11, 130),
     ([3] * 65, 5, 19),
+    ([3, 2, 3, 1, 3, 3, 2, 3, 3], 6, 300),
 ]
 
 
@@ -165,7 +167,7 @@ def _gradient_limit(nn_error, numel, dtype):
 
 
 # The fused backward (batch <= 64; 65 runs the library loop), on both splits of two threads.
-@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (0, 1, 2, 4, 5, 6, 7)])
+@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (0, 1, 2, 4, 5, 6, 7, 8)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_against_float64(helpers, capability, threads, dtype, lengths, input_size, hidden_size):
     fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
@@ -173,7 +175,7 @@ def test_gradients_against_float64(helpers, capability, threads, dtype, lengths,
     _check_gradients(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
 
 
-@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (2, 4, 6)])
+@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (2, 4, 6, 8)])
 def test_bfloat16_gradients_widened_avx512_bf16_and_amx(helpers, bfloat16_products, threads, lengths, input_size,
                                                          hidden_size):
     dtype = torch.bfloat16

@@ -59,6 +59,15 @@ bool cpu_has(const std::string& name) {
   return name == "default";
 }
 
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const auto capabilities = at::cpu::get_cpu_capabilities();
+    const auto found = capabilities.find("l2_cache_size");
+    return found != capabilities.end() && found->second.isInt() ? found->second.toInt() : int64_t{0};
+  }();
+  return bytes;
+}
+
 namespace {
 
 // Widest first.

@@ -2,6 +2,7 @@
 // choice of library depends on it.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace lstm_fused {
@@ -9,6 +10,9 @@ namespace cpu {
 
 // Whether this CPU runs the instruction set `name` ("avx512", "avx2", "neon", "default").
 bool cpu_has(const std::string& name);
+
+// One core's L2 cache in bytes (cpuinfo's, through ATen); 0 where unknown.
+int64_t l2_cache_bytes();
 
 }  // namespace cpu
 }  // namespace lstm_fused

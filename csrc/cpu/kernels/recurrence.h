@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../capability.h"
 #include "../small_batch.h"
 #include "../threads.h"
 #include "vec.h"
@@ -33,17 +34,35 @@ inline std::pair<int64_t, int64_t> even_share(int64_t n, int64_t granule, int th
 }
 
 // By batch rows where every thread gets enough rows for a panel tile (4) and the whole recurrent
-// weight stays in cache (hidden <= 512: 4 MB): each thread then runs its own sequences'
-// recurrences start to end and never waits on another, where a split by units meets at a barrier
-// every step and reads the other threads' share of the hidden state from their caches. At hidden
-// 1024 every thread streaming all 16 MB of the weight each step costs more than that (2 threads,
-// batch 8: 610 against 470 us a step); at hidden 128-256 and batch 8-16 the split by rows takes
-// 10-40% less time a step than the split by units.
+// weight stays in cache: each thread then runs its own sequences' recurrences start to end and
+// never waits on another, where a split by units meets at a barrier every step and reads the
+// other threads' share of the hidden state from their caches.
+// - Hidden <= 256 (float32 weight <= 1 MB): by rows (at batch 8-16 10-40% less time a step than by
+//   units, AMD EPYC).
+// - Hidden 1024 (16 MB): by units; every thread streaming all the weight each step costs more
+//   than the barrier (2 threads, batch 8: 610 against 470 us a step).
+// - Hidden 257-512 (4 MB at 512): by units where each thread's share of the float32 weight fits
+//   its L2 and the threads have fewer than 16 rows each, else by rows. On a Xeon with 2 MB of L2
+//   (2 threads, T = 64) the split by units took lf.LSTM's float32 forward at batch 8 from 0.92x
+//   nn.LSTM to 1.16x (training 0.87x to 1.17x), batch 16 0.89x to 1.03x, and bfloat16 (AMX) at batch
+//   8 from 1.0x to 1.55x; at batch 64 (32 rows a thread, two whole AMX tiles) the rows were as fast
+//   in float32 and 10% faster in bfloat16. With 1 MB of L2 (AMD EPYC Zen 4/5) the share does not
+//   fit and the rows stay.
 constexpr int64_t kMinRowsPerThread = 4;
+constexpr int64_t kMaxHiddenAlwaysByRows = 256;
 constexpr int64_t kMaxHiddenForRowSplit = 512;
+constexpr int64_t kRowsPerThreadAlwaysByRows = 16;
 
 inline bool splits_by_rows(int64_t batch, int64_t hidden_size, int num_threads) {
-  return batch >= num_threads * kMinRowsPerThread && hidden_size <= kMaxHiddenForRowSplit;
+  if (batch < num_threads * kMinRowsPerThread || hidden_size > kMaxHiddenForRowSplit) {
+    return false;
+  }
+  if (hidden_size <= kMaxHiddenAlwaysByRows || batch >= num_threads * kRowsPerThreadAlwaysByRows) {
+    return true;
+  }
+  const int64_t unit_share_bytes = 4 * hidden_size * hidden_size * static_cast<int64_t>(sizeof(float)) / num_threads;
+  const int64_t l2_bytes = l2_cache_bytes();
+  return l2_bytes == 0 || unit_share_bytes > l2_bytes;
 }
 
 // A split whose threads meet every step (by units, on more than one thread) needs threads that
