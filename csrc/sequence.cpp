@@ -261,14 +261,16 @@ class FusedRecurrence {
   }
 
   // steps' offsets index gates, output and cell_states, each contiguous; hx and cx are contiguous.
+  // keeps_gates: whether gates holds the activated gates afterwards (the backward reads them);
+  // false, it is scratch.
   void run(const Step* steps, int64_t num_steps, const at::Tensor& hx, const at::Tensor& cx, at::Tensor& gates,
-           at::Tensor& output, at::Tensor& cell_states, at::Tensor& hy, at::Tensor& cy) {
+           at::Tensor& output, at::Tensor& cell_states, at::Tensor& hy, at::Tensor& cy, bool keeps_gates = true) {
     cpu::small_batch::sequence_forward(
         cpu::small_batch::SequenceForwardOf<T>{
             steps, num_steps, hidden_size_, output_size_, elements<T>(gate_panels_), elements<T>(projection_panels_),
             mutable_elements<T>(unprojected_), elements<T>(bias_hh_), elements<T>(hx), elements<T>(cx),
             mutable_elements<T>(gates), mutable_elements<T>(output), mutable_elements<T>(cell_states),
-            mutable_elements<T>(hy), mutable_elements<T>(cy)},
+            mutable_elements<T>(hy), mutable_elements<T>(cy), keeps_gates},
         threads_);
   }
 
@@ -449,7 +451,7 @@ SequenceInferenceOutputs sequence_inference_cpu(
       at::Tensor gates = linear_product(input.narrow(0, base, last_row - base), input_weight, bias_ih).contiguous();
       at::Tensor run_output = output.narrow(0, base, last_row - base);
       recurrence.run(run.data(), static_cast<int64_t>(run.size()), entering_hidden, entering_cell, gates, run_output,
-                     cell_states, hy, cy);
+                     cell_states, hy, cy, /*keeps_gates=*/false);
       previous_base = base;
     }
   });

@@ -775,7 +775,7 @@ def cpu_model() -> str:
 
 
 # The instruction sets that decide which kernels run (and how fast the libraries' products are).
-ISA_FLAGS = ("avx512f", "avx512_bf16", "avx2", "fma", "asimd", "sve")
+ISA_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "avx2", "fma", "asimd", "sve")
 
 
 def cpu_flags() -> List[str]:
@@ -794,7 +794,7 @@ def cpu_flags() -> List[str]:
 def describe_cpu(machine) -> str:
     flags = machine.get("cpu_flags") or []
     if "avx512f" in flags:
-        isa = "AVX-512"
+        isa = "AVX-512" + (" and AMX" if "amx_bf16" in flags else "")
     elif "avx2" in flags:
         isa = "AVX2, no AVX-512"
     elif "asimd" in flags:

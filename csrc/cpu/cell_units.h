@@ -67,7 +67,7 @@ GateRows<const T> as_const(GateRows<T> rows) {
 // Adds the bias, activates the gates in place (the buffer becomes what backward reads) and
 // writes the new states, for units [first, end) in steps of Lanes::width. Returns the first
 // unit it left for a narrower policy to finish.
-template <typename Lanes, bool kHasBias>
+template <typename Lanes, bool kHasBias, bool kStoresGates = true>
 int64_t forward_units(
     GateRows<typename Lanes::storage> gates,
     GateRows<const typename Lanes::storage> bias,
@@ -89,7 +89,9 @@ int64_t forward_units(
           preactivation.output + b.output};
     }
     const auto step = math::cell_forward(preactivation, Lanes::load(cell_prev + j));
-    store_gates<Lanes>(gates, j, step.gates);
+    if constexpr (kStoresGates) {
+      store_gates<Lanes>(gates, j, step.gates);
+    }
     Lanes::store(cell_next + j, step.cell_state);
     Lanes::store(hidden_next + j, step.hidden_state);
   }

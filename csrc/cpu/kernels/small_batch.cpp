@@ -566,8 +566,9 @@ void copy_gates_out(GateRows<T> to, const T (&from)[kGates][kLanes], int64_t fir
   }
 }
 
-// Adds bias_hh (may be null), activates the gates in place and writes the new cell and hidden state.
-template <typename T>
+// Adds bias_hh (may be null), activates the gates in place (unless !kStoresGates: then gates_row
+// keeps the pre-activations) and writes the new cell and hidden state.
+template <typename T, bool kStoresGates = true>
 void pointwise_forward(
     T* gates_row,
     const T* bias,
@@ -581,8 +582,8 @@ void pointwise_forward(
   const GateRows<T> gates = gate_rows(gates_row, hidden_size);
   const GateRows<const T> bias_rows = gate_rows(bias, hidden_size);
   const int64_t done = bias != nullptr
-      ? cpu::forward_units<Lanes, true>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
-      : cpu::forward_units<Lanes, false>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
+      ? cpu::forward_units<Lanes, true, kStoresGates>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end)
+      : cpu::forward_units<Lanes, false, kStoresGates>(gates, bias_rows, cell_prev, cell_next, hidden_next, first, end);
   const int64_t count = end - done;
   if (count == 0) {
     return;
@@ -595,7 +596,9 @@ void pointwise_forward(
   std::memcpy(pad.cell_prev, cell_prev + done, count * sizeof(T));
   cpu::forward_units<Lanes, true>(
       padded_rows(pad.gates), as_const(padded_rows(pad.bias)), pad.cell_prev, pad.cell_next, pad.hidden_next, 0, kLanes);
-  copy_gates_out(gates, pad.gates, done, count);
+  if constexpr (kStoresGates) {
+    copy_gates_out(gates, pad.gates, done, count);
+  }
   std::memcpy(cell_next + done, pad.cell_next, count * sizeof(T));
   std::memcpy(hidden_next + done, pad.hidden_next, count * sizeof(T));
 }
@@ -853,8 +856,9 @@ void sequence_forward_with(const SequenceForwardOf<T>& a, int threads, PanelSize
           const int64_t row = (step.offset + b) * hidden_size;
           // With a projection the cell's o * tanh(c) goes to scratch, the output row is its product.
           T* hidden_next = projecting ? a.unprojected + b * hidden_size : a.output + row;
-          pointwise_forward(a.gates + (step.offset + b) * gate_width, a.bias_hh, cell_prev, a.cell_states + row,
-                            hidden_next, hidden_size, first, end);
+          (a.keeps_gates ? pointwise_forward<T, true> : pointwise_forward<T, false>)(
+              a.gates + (step.offset + b) * gate_width, a.bias_hh, cell_prev, a.cell_states + row, hidden_next,
+              hidden_size, first, end);
           if (b >= step.ending) {
             std::memcpy(a.cy + b * hidden_size + first, a.cell_states + row + first, (end - first) * sizeof(T));
           }
