@@ -5,8 +5,8 @@
 // cell_pointwise_ and cell_gate_grads), registered as CompositeExplicitAutograd: the same loop
 // drives the CPU kernels and the CUDA ones. On the CPU, float32 batches (of at most 64, or 256 on
 // AVX-512) go instead to cpu/small_batch.h's fused recurrence and its backward, where a step makes
-// no library call; so do bfloat16 and float16 batches of at most 64 (16-bit panels, float32
-// accumulation). The autograd is
+// no library call; so do bfloat16 and float16 batches of at most 64 (256 for bfloat16 on AMX;
+// 16-bit panels, float32 accumulation). The autograd is
 // csrc/autograd.cpp's SequenceFunction.
 //
 // With a projection (nn.LSTM's proj_size > 0, an optional weight_hr [proj_size, hidden]) each step's
@@ -163,7 +163,8 @@ bool takes_small_batch_path(const at::Tensor& input, const at::Tensor& hx) {
 bool takes_fused_recurrence(const at::Tensor& input, const at::Tensor& hx) {
   const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
   return takes_small_batch_path(input, hx) ||
-      (input.device().is_cpu() && reduced && cpu::small_batch::handles_reduced_sequence(hx.size(0)));
+      (input.device().is_cpu() && reduced &&
+       cpu::small_batch::handles_reduced_sequence(hx.size(0), input.scalar_type() == at::kBFloat16));
 }
 
 // Calls f with the storage type the fused recurrence sees for the tensor's dtype: float, or the

@@ -82,7 +82,8 @@ def _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, 
 # Hidden 1, 5, 17, 33, 130: tails of every vector width and odd reductions; batch 1-64, equal and
 # unequal lengths (packed, unsorted); batch 3 at hidden 130 splits two threads by units (a barrier a
 # step), batch 16 at hidden 64 by rows, batch 9 at hidden 300 by units where each thread's share
-# of the weight fits the CPU's L2; 65 is past the path (the library loop).
+# of the weight fits the CPU's L2; 65 is past the path (the library loop) but for bfloat16 on AMX,
+# which takes up to 256 (130: three blocks of tile rows a thread).
 CASES = [
     ([7], 3, 1),
     ([5, 2, 4, 1], 7, 5),
@@ -93,6 +94,7 @@ CASES = [
     ([4, 3, 2, 1] * 16, 11, 130),
     ([3] * 65, 5, 19),
     ([3, 2, 3, 1, 3, 3, 2, 3, 3], 6, 300),
+    ([3, 2] * 65, 4, 19),
 ]
 
 
@@ -104,7 +106,7 @@ def test_sequence_against_float64(helpers, capability, threads, dtype, lengths, 
     _check_against_float64(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
 
 
-@pytest.mark.parametrize("lengths, input_size, hidden_size", CASES[:7])
+@pytest.mark.parametrize("lengths, input_size, hidden_size", CASES[:8] + CASES[9:])
 def test_bfloat16_products_widened_avx512_bf16_and_amx(helpers, bfloat16_products, threads, lengths, input_size,
                                                         hidden_size):
     dtype = torch.bfloat16
@@ -166,8 +168,9 @@ def _gradient_limit(nn_error, numel, dtype):
     return max(2 * nn_error, 1.5 * eps) if numel >= 64 else max(2 * nn_error, 2 * eps)
 
 
-# The fused backward (batch <= 64; 65 runs the library loop), on both splits of two threads.
-@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (0, 1, 2, 4, 5, 6, 7, 8)])
+# The fused backward (batch <= 64, 256 for bfloat16 on AMX; past it the library loop), on both
+# splits of two threads.
+@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (0, 1, 2, 4, 5, 6, 7, 8, 9)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_against_float64(helpers, capability, threads, dtype, lengths, input_size, hidden_size):
     fused, torch_lstm, exact = _lstms(input_size, hidden_size, dtype)
@@ -175,7 +178,7 @@ def test_gradients_against_float64(helpers, capability, threads, dtype, lengths,
     _check_gradients(helpers, fused, torch_lstm, exact, packed, h_0, c_0, dtype)
 
 
-@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (2, 4, 6, 8)])
+@pytest.mark.parametrize("lengths, input_size, hidden_size", [CASES[i] for i in (2, 4, 6, 7, 8, 9)])
 def test_bfloat16_gradients_widened_avx512_bf16_and_amx(helpers, bfloat16_products, threads, lengths, input_size,
                                                          hidden_size):
     dtype = torch.bfloat16
@@ -222,11 +225,20 @@ def test_the_fused_path_makes_no_product_per_step(helpers, dtype):
     if expected_fused is None:
         pytest.skip("the portable path has no fused recurrence")
     assert products <= expected_fused, f"{products} products for {steps} steps: the library loop ran"
+    # bfloat16 on AMX takes batches up to 256, the rest up to 64.
+    ops = torch.ops.lstm_fused
+    amx = dtype == torch.bfloat16 and ops._native_bfloat16_products() and ops._bfloat16_tiles()
+    if amx:
+        # Inference projects the input in chunks of 512 rows (two steps at batch 256): one product
+        # per two steps and direction, where the library loop would make two per step.
+        assert _products_per_call(fused, helpers.randn(steps, 256, 8).to(dtype)) <= steps
+        assert _products_per_call(fused, helpers.randn(steps, 256, 8).to(dtype), backward=True) <= 6
+    past = 257 if amx else 65
     # Past the path's largest batch the library loop runs, which the count must see.
-    assert _products_per_call(fused, helpers.randn(steps, 65, 8).to(dtype)) >= 2 * steps
+    assert _products_per_call(fused, helpers.randn(steps, past, 8).to(dtype)) >= 2 * steps
     # The backward: the input and weight gradients, a few products per direction over all steps.
     assert _products_per_call(fused, x, backward=True) <= 6, "the backward's library loop ran"
-    assert _products_per_call(fused, helpers.randn(steps, 65, 8).to(dtype), backward=True) >= 2 * steps
+    assert _products_per_call(fused, helpers.randn(steps, past, 8).to(dtype), backward=True) >= 2 * steps
 
 
 # return_states' cell states and gates carry gradients into the fused backward (grad_cell_states,

@@ -175,13 +175,18 @@ bool handles_sequence(int64_t batch) {
   return batch <= kMaxSequenceBatch && vector_path();
 }
 
-bool handles_float32_sequence(int64_t batch) {
+namespace {
+int64_t largest_sequence_batch() {
 #if defined(LSTM_FUSED_KERNELS_AVX512)
-  const int64_t largest = &kernels() == &AVX512::table ? kMaxWideSequenceBatch : kMaxSequenceBatch;
+  return &kernels() == &AVX512::table ? kMaxWideSequenceBatch : kMaxSequenceBatch;
 #else
-  const int64_t largest = kMaxSequenceBatch;
+  return kMaxSequenceBatch;
 #endif
-  return batch <= largest && vector_path();
+}
+}  // namespace
+
+bool handles_float32_sequence(int64_t batch) {
+  return batch <= largest_sequence_batch() && vector_path();
 }
 
 int threads_for(int64_t multiply_adds, int max_threads) {
@@ -224,8 +229,10 @@ void sequence_backward(const SequenceBackward& args, int threads) {
   kernels().sequence_backward(args, threads);
 }
 
-bool handles_reduced_sequence(int64_t batch) {
-  return handles_sequence(batch) && kernels().bfloat16_sequence_forward != nullptr &&
+bool handles_reduced_sequence(int64_t batch, bool bfloat16) {
+  const int64_t largest =
+      bfloat16 && native_bfloat16_products() && bfloat16_tiles() ? largest_sequence_batch() : kMaxSequenceBatch;
+  return batch <= largest && vector_path() && kernels().bfloat16_sequence_forward != nullptr &&
       kernels().half_sequence_forward != nullptr;
 }
 

@@ -21,7 +21,6 @@ namespace {
 
 using small_batch::CellBackwardProducts;
 using small_batch::kMaxBatch;
-using small_batch::kMaxSequenceBatch;
 using small_batch::kMaxCellBatch;
 using small_batch::CellForward;
 using small_batch::SequenceBackward;
@@ -903,11 +902,10 @@ using PairProductsFn = void(const T* const* rows, int64_t batch, int64_t reducti
                             T* out, int64_t out_stride, bool accumulate, std::byte* scratch);
 
 // Each thread's products through `products`, its rows widened (or copied) once per call into
-// scratch of kMaxSequenceBatch rows of the longest reduction, longest_reduction.
+// scratch of most_rows rows (the widest step's) of the longest reduction, longest_reduction.
 template <typename T>
-auto pair_products_per_thread(PairProductsFn<T>* products, int64_t longest_reduction) {
-  const int64_t scratch_bytes =
-      kMaxSequenceBatch * factor_stride(longest_reduction) * static_cast<int64_t>(sizeof(float));
+auto pair_products_per_thread(PairProductsFn<T>* products, int64_t longest_reduction, int64_t most_rows) {
+  const int64_t scratch_bytes = most_rows * factor_stride(longest_reduction) * static_cast<int64_t>(sizeof(float));
   return [products, scratch_bytes] {
     return [products, scratch = std::vector<std::byte>(scratch_bytes)](
                const T* const* rows, int64_t batch, int64_t reduction, const T* panels, int64_t columns, T* out,
@@ -942,12 +940,13 @@ PairProductsFn<T>* pair_products_for(bool native_bfloat16) {
 void bfloat16_sequence_forward(const SequenceForwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
   sequence_forward_with(a, threads, pair_panel_size,
                         pair_products_per_thread(pair_products_for<BFloat16Bits>(native_bfloat16),
-                                                 std::max(a.hidden_size, a.output_size)));
+                                                 std::max(a.hidden_size, a.output_size), widest_step(a.steps, a.num_steps)));
 }
 
 void half_sequence_forward(const SequenceForwardOf<HalfBits>& a, int threads) {
   sequence_forward_with(a, threads, pair_panel_size,
-                        pair_products_per_thread(pair_products_for<HalfBits>(false), std::max(a.hidden_size, a.output_size)));
+                        pair_products_per_thread(pair_products_for<HalfBits>(false), std::max(a.hidden_size, a.output_size),
+                                                 widest_step(a.steps, a.num_steps)));
 }
 #else
 constexpr bool kHasPairProducts = false;
@@ -1070,13 +1069,15 @@ void sequence_backward(const SequenceBackward& a, int threads) {
 void bfloat16_sequence_backward(const SequenceBackwardOf<BFloat16Bits>& a, int threads, bool native_bfloat16) {
   sequence_backward_with(a, threads, pair_panel_size,
                          pair_products_per_thread(pair_products_for<BFloat16Bits>(native_bfloat16),
-                                                  std::max(4 * a.hidden_size, a.output_size)));
+                                                  std::max(4 * a.hidden_size, a.output_size),
+                                                  widest_step(a.steps, a.num_steps)));
 }
 
 void half_sequence_backward(const SequenceBackwardOf<HalfBits>& a, int threads) {
   sequence_backward_with(a, threads, pair_panel_size,
                          pair_products_per_thread(pair_products_for<HalfBits>(false),
-                                                  std::max(4 * a.hidden_size, a.output_size)));
+                                                  std::max(4 * a.hidden_size, a.output_size),
+                                                  widest_step(a.steps, a.num_steps)));
 }
 #else
 constexpr void (*bfloat16_sequence_backward)(const SequenceBackwardOf<BFloat16Bits>&, int, bool) = nullptr;
