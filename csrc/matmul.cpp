@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/cpu/Utils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -97,12 +96,7 @@ bool float16_in_float32(const at::Tensor& x) {
     return false;
   }
 #if defined(__x86_64__) || defined(__i386__)
-  // Asked of cpuinfo through ATen: clang 14's __builtin_cpu_supports has no name for AVX512-FP16.
-  static const bool native_float16 = [] {
-    const auto capabilities = at::cpu::get_cpu_capabilities();
-    const auto found = capabilities.find("avx512_fp16");
-    return found != capabilities.end() && found->second.isBool() && found->second.toBool();
-  }();
+  static const bool native_float16 = cpu::cpuinfo_has("avx512_fp16");
   return !native_float16;
 #else
   return false;  // aarch64's float16 GEMM is not measured here: keep the library's

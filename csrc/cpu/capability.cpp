@@ -59,6 +59,12 @@ bool cpu_has(const std::string& name) {
   return name == "default";
 }
 
+bool cpuinfo_has(const char* name) {
+  const auto capabilities = at::cpu::get_cpu_capabilities();
+  const auto found = capabilities.find(name);
+  return found != capabilities.end() && found->second.isBool() && found->second.toBool();
+}
+
 int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
     const auto capabilities = at::cpu::get_cpu_capabilities();
@@ -247,17 +253,8 @@ std::atomic<bool> bfloat16_tiles_allowed{true};
 
 bool cpu_has_amx_bfloat16() {
 #if defined(LSTM_FUSED_KERNELS_AVX512)
-  static const bool usable = [] {
-    // Asked of cpuinfo through ATen, as matmul.cpp's AVX512-FP16: clang 14's
-    // __builtin_cpu_supports has no names for AMX.
-    const auto capabilities = at::cpu::get_cpu_capabilities();
-    const auto has = [&](const char* name) {
-      const auto found = capabilities.find(name);
-      return found != capabilities.end() && found->second.isBool() && found->second.toBool();
-    };
-    // Linux gives a process AMX's tile state only when it asks (arch_prctl): init_amx asks.
-    return has("amx_tile") && has("amx_bf16") && at::cpu::init_amx();
-  }();
+  // Linux gives a process AMX's tile state only when it asks (arch_prctl): init_amx asks.
+  static const bool usable = cpuinfo_has("amx_tile") && cpuinfo_has("amx_bf16") && at::cpu::init_amx();
   return usable;
 #else
   return false;

@@ -195,17 +195,11 @@ void tile_bfloat16_products(
         BFloat16Bits* out_row = out + (first_row + r) * out_stride;
         for (int64_t p = panel; p < std::min(panel + 2, panel_count); ++p) {
           const int64_t column = p * kPairLanes;
-          const Vec sum = Vec::load(acc + r * kBlockColumns + (p - panel) * kPairLanes);
-          const int64_t count = std::min<int64_t>(kPairLanes, columns - column);
-          if (count == kPairLanes) {
-            store_narrowed(out_row + column, accumulate ? sum + load_widened(out_row + column) : sum);
-          } else {
-            // Through a zeroed buffer: exactly the lanes asked are read and written.
-            BFloat16Bits lanes[kPairLanes] = {};
-            std::memcpy(lanes, out_row + column, count * sizeof(BFloat16Bits));
-            store_narrowed(lanes, accumulate ? sum + load_widened(lanes) : sum);
-            std::memcpy(out_row + column, lanes, count * sizeof(BFloat16Bits));
-          }
+          const Vec sum[1][1] = {{Vec::load(acc + r * kBlockColumns + (p - panel) * kPairLanes)}};
+          const int64_t columns_left = columns - column;
+          columns_left >= kPairLanes
+              ? store_pair_tile<BFloat16Bits, 1, 1, false>(sum, out_row + column, out_stride, columns_left, accumulate)
+              : store_pair_tile<BFloat16Bits, 1, 1, true>(sum, out_row + column, out_stride, columns_left, accumulate);
         }
       }
     }
