@@ -2,6 +2,7 @@
 // run: the widest this CPU has, or the one LSTM_FUSED_CPU_CAPABILITY names, as ATen's
 // ATEN_CPU_CAPABILITY does for its own kernels. The only file that asks the CPU what it has.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
@@ -189,6 +190,13 @@ int64_t largest_sequence_batch() {
   return kMaxSequenceBatch;
 #endif
 }
+
+// Threads that share packing a weight of `elements`: one more per 2^17 (a float32 weight of 512 KB
+// takes about 50 us to pack, so a second thread's start of a few microseconds pays).
+int packing_threads(int64_t elements) {
+  constexpr int64_t kElementsPerThread = int64_t{1} << 17;
+  return static_cast<int>(std::clamp<int64_t>(elements / kElementsPerThread, 1, std::max(at::get_num_threads(), 1)));
+}
 }  // namespace
 
 bool handles_float32_sequence(int64_t batch) {
@@ -214,7 +222,7 @@ int64_t unit_panels_size(int64_t rows, int64_t units) {
   return kernels().unit_panels_size(rows, units);
 }
 void pack_gate_panels(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels) {
-  kernels().pack_gate_panels(weight_hh, hidden_size, state_size, panels);
+  kernels().pack_gate_panels(weight_hh, hidden_size, state_size, panels, packing_threads(4 * hidden_size * state_size));
 }
 void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float* panels) {
   kernels().pack_row_panels(weight, rows, reduction, panels);
@@ -286,10 +294,12 @@ void pack_pair_panels(const HalfBits* weight, int64_t rows, int64_t reduction, H
 }
 
 void pack_pair_gate_panels(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size, BFloat16Bits* panels) {
-  kernels().pack_bfloat16_pair_gate_panels(weight_hh, hidden_size, state_size, panels);
+  kernels().pack_bfloat16_pair_gate_panels(weight_hh, hidden_size, state_size, panels,
+                                           packing_threads(4 * hidden_size * state_size));
 }
 void pack_pair_gate_panels(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size, HalfBits* panels) {
-  kernels().pack_half_pair_gate_panels(weight_hh, hidden_size, state_size, panels);
+  kernels().pack_half_pair_gate_panels(weight_hh, hidden_size, state_size, panels,
+                                       packing_threads(4 * hidden_size * state_size));
 }
 void sequence_forward(const SequenceForwardOf<BFloat16Bits>& args, int threads) {
   kernels().bfloat16_sequence_forward(args, threads, native_bfloat16_products());

@@ -64,7 +64,7 @@ struct Kernels {
   int64_t (*gate_panels_size)(int64_t hidden_size, int64_t state_size);
   int64_t (*row_panels_size)(int64_t rows, int64_t reduction);
   int64_t (*unit_panels_size)(int64_t rows, int64_t units);
-  void (*pack_gate_panels)(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels);
+  void (*pack_gate_panels)(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels, int threads);
   void (*pack_row_panels)(const float* weight, int64_t rows, int64_t reduction, float* panels);
   void (*pack_unit_panels)(const float* weight, int64_t rows, int64_t units, float* panels);
   void (*cell_forward)(const small_batch::CellForward& args, int threads);
@@ -101,9 +101,9 @@ struct Kernels {
   // gate panels are.
   int64_t (*pair_gate_panels_size)(int64_t hidden_size, int64_t state_size);
   void (*pack_bfloat16_pair_gate_panels)(const BFloat16Bits* weight_hh, int64_t hidden_size, int64_t state_size,
-                                         BFloat16Bits* panels);
+                                         BFloat16Bits* panels, int threads);
   void (*pack_half_pair_gate_panels)(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size,
-                                     HalfBits* panels);
+                                     HalfBits* panels, int threads);
   // Their backward, over weight_hh's 16-bit unit panels.
   void (*pack_bfloat16_pair_unit_panels)(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels);
   void (*pack_half_pair_unit_panels)(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels);

@@ -121,6 +121,13 @@ void transpose_rows(const std::byte* rows, int64_t row_bytes, int64_t lanes, int
     }
   };
   int64_t first = 0;
+  if constexpr (kSize == 4) {
+    if (lanes >= Vec::kWidth) {  // a whole panel: square blocks in registers (vec.h)
+      for (; first + Vec::kWidth <= count; first += Vec::kWidth) {
+        transpose_words(rows + first * kSize, row_bytes, to + first * Vec::kWidth * kSize);
+      }
+    }
+  }
   for (; first + kBlock <= count; first += kBlock) {
     block(first, std::integral_constant<int64_t, kBlock>{});
   }
@@ -138,12 +145,17 @@ int64_t gate_panels_size_of(int64_t hidden_size, int64_t state_size) {
   return kGates * RowsSize(hidden_size, state_size);
 }
 
+// `threads` share the gates: every call packs the weight anew (a cache keyed on the weight's
+// version would miss writes through .data), so at T = 1-16 the packing is a large part of the call.
 template <typename T, auto RowsSize, auto PackRows>
-void pack_gate_panels_of(const T* weight_hh, int64_t hidden_size, int64_t state_size, T* panels) {
-  for (int64_t gate = 0; gate < kGates; ++gate) {
-    PackRows(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
-             panels + gate * RowsSize(hidden_size, state_size));
-  }
+void pack_gate_panels_of(const T* weight_hh, int64_t hidden_size, int64_t state_size, T* panels, int threads) {
+  run_team(std::min<int>(threads, kGates), [&](int thread, int num_threads) {
+    const auto [first, end] = even_share(kGates, 1, thread, num_threads);
+    for (int64_t gate = first; gate < end; ++gate) {
+      PackRows(weight_hh + gate * hidden_size * state_size, hidden_size, state_size,
+               panels + gate * RowsSize(hidden_size, state_size));
+    }
+  });
 }
 
 // The panels of gate `gate` from unit `first` on (first: a multiple of the vector's lanes), each

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -423,6 +424,78 @@ inline void widen_pairs(const BFloat16Bits* p, Vec& even, Vec& odd) {
 inline void widen_pairs(const HalfBits* p, Vec& even, Vec& odd) {
   even = load_widened(p);
   odd = load_widened(p + Vec::kWidth);
+}
+#endif
+
+// A square block of 32-bit words transposed: to[j * kWidth + lane] = word j of row `lane`, for
+// kWidth rows `row_bytes` apart (the weight panels' packing: a float, or a bfloat16 pair, per
+// word). Whole vectors in registers, where a word at a time took a tenth of a short lf.LSTM call.
+// Bits are moved, never computed on, so any word (a NaN's payload too) arrives as it was.
+#if defined(CPU_CAPABILITY_AVX2)
+inline void transpose_words(const std::byte* rows, int64_t row_bytes, std::byte* to) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(rows + i * row_bytes));
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);  // per 128 bits: a0 b0 a1 b1
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3
+  }
+  for (int i = 0; i < 8; i += 4) {  // rows i..i+3, word j (low 128 bits) and j + 4 (high)
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  float* out = reinterpret_cast<float*>(to);
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(out + j * 8, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(out + (j + 4) * 8, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX512)
+inline void transpose_words(const std::byte* rows, int64_t row_bytes, std::byte* to) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows + i * row_bytes);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);  // per 128 bits: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {  // rows i..i+3: words j, j + 4, j + 8, j + 12 in the four 128 bits
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  float* out = reinterpret_cast<float*>(to);
+  for (int j = 0; j < 4; ++j) {
+    // 128-bit blocks 0 and 2 (0x88), 1 and 3 (0xDD) of rows 0-7, then of rows 8-15.
+    const __m512 low_even = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
+    const __m512 low_odd = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xDD);
+    const __m512 high_even = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0x88);
+    const __m512 high_odd = _mm512_shuffle_f32x4(r[j + 8], r[j + 12], 0xDD);
+    _mm512_storeu_ps(out + j * 16, _mm512_shuffle_f32x4(low_even, high_even, 0x88));
+    _mm512_storeu_ps(out + (j + 8) * 16, _mm512_shuffle_f32x4(low_even, high_even, 0xDD));
+    _mm512_storeu_ps(out + (j + 4) * 16, _mm512_shuffle_f32x4(low_odd, high_odd, 0x88));
+    _mm512_storeu_ps(out + (j + 12) * 16, _mm512_shuffle_f32x4(low_odd, high_odd, 0xDD));
+  }
+}
+#elif defined(CPU_CAPABILITY_NEON)
+inline void transpose_words(const std::byte* rows, int64_t row_bytes, std::byte* to) {
+  const auto row = [&](int i) { return vld1q_u32(reinterpret_cast<const uint32_t*>(rows + i * row_bytes)); };
+  const uint32x4x2_t ab = vtrnq_u32(row(0), row(1));  // a0 b0 a2 b2, a1 b1 a3 b3
+  const uint32x4x2_t cd = vtrnq_u32(row(2), row(3));
+  uint32_t* out = reinterpret_cast<uint32_t*>(to);
+  vst1q_u32(out, vcombine_u32(vget_low_u32(ab.val[0]), vget_low_u32(cd.val[0])));
+  vst1q_u32(out + 4, vcombine_u32(vget_low_u32(ab.val[1]), vget_low_u32(cd.val[1])));
+  vst1q_u32(out + 8, vcombine_u32(vget_high_u32(ab.val[0]), vget_high_u32(cd.val[0])));
+  vst1q_u32(out + 12, vcombine_u32(vget_high_u32(ab.val[1]), vget_high_u32(cd.val[1])));
+}
+#else
+inline void transpose_words(const std::byte* rows, int64_t row_bytes, std::byte* to) {
+  for (int64_t lane = 0; lane < Vec::kWidth; ++lane) {
+    for (int64_t j = 0; j < Vec::kWidth; ++j) {
+      std::memcpy(to + (j * Vec::kWidth + lane) * 4, rows + lane * row_bytes + j * 4, 4);
+    }
+  }
 }
 #endif
 
