@@ -228,7 +228,7 @@ void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float
   kernels().pack_row_panels(weight, rows, reduction, panels);
 }
 void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels) {
-  kernels().pack_unit_panels(weight, rows, units, panels);
+  kernels().pack_unit_panels(weight, rows, units, panels, packing_threads(rows * units));
 }
 void cell_forward(const CellForward& args, int threads) {
   kernels().cell_forward(args, threads);
@@ -308,10 +308,10 @@ void sequence_forward(const SequenceForwardOf<HalfBits>& args, int threads) {
   kernels().half_sequence_forward(args, threads);
 }
 void pack_pair_unit_panels(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels) {
-  kernels().pack_bfloat16_pair_unit_panels(weight, rows, units, panels);
+  kernels().pack_bfloat16_pair_unit_panels(weight, rows, units, panels, packing_threads(rows * units));
 }
 void pack_pair_unit_panels(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels) {
-  kernels().pack_half_pair_unit_panels(weight, rows, units, panels);
+  kernels().pack_half_pair_unit_panels(weight, rows, units, panels, packing_threads(rows * units));
 }
 void sequence_backward(const SequenceBackwardOf<BFloat16Bits>& args, int threads) {
   kernels().bfloat16_sequence_backward(args, threads, native_bfloat16_products());

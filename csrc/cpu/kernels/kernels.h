@@ -66,7 +66,7 @@ struct Kernels {
   int64_t (*unit_panels_size)(int64_t rows, int64_t units);
   void (*pack_gate_panels)(const float* weight_hh, int64_t hidden_size, int64_t state_size, float* panels, int threads);
   void (*pack_row_panels)(const float* weight, int64_t rows, int64_t reduction, float* panels);
-  void (*pack_unit_panels)(const float* weight, int64_t rows, int64_t units, float* panels);
+  void (*pack_unit_panels)(const float* weight, int64_t rows, int64_t units, float* panels, int threads);
   void (*cell_forward)(const small_batch::CellForward& args, int threads);
   void (*cell_backward_products)(const small_batch::CellBackwardProducts& args, int threads);
   void (*sequence_forward)(const small_batch::SequenceForward& args, int threads);
@@ -105,8 +105,10 @@ struct Kernels {
   void (*pack_half_pair_gate_panels)(const HalfBits* weight_hh, int64_t hidden_size, int64_t state_size,
                                      HalfBits* panels, int threads);
   // Their backward, over weight_hh's 16-bit unit panels.
-  void (*pack_bfloat16_pair_unit_panels)(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels);
-  void (*pack_half_pair_unit_panels)(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels);
+  void (*pack_bfloat16_pair_unit_panels)(const BFloat16Bits* weight, int64_t rows, int64_t units, BFloat16Bits* panels,
+                                         int threads);
+  void (*pack_half_pair_unit_panels)(const HalfBits* weight, int64_t rows, int64_t units, HalfBits* panels,
+                                     int threads);
   void (*bfloat16_sequence_backward)(const small_batch::SequenceBackwardOf<BFloat16Bits>& args, int threads,
                                      bool native_bfloat16);
   void (*half_sequence_backward)(const small_batch::SequenceBackwardOf<HalfBits>& args, int threads);

@@ -78,18 +78,36 @@ void pack_pair_panels(const T* weight, int64_t rows, int64_t reduction, T* panel
 
 // A [rows, units] weight (row-major) as panels of kPairLanes of its units, the reduction over its
 // rows: the backward's panels of weight_hh, read along its rows (no transposing copy).
+// Panel by panel, the threads sharing them; a whole pair of rows at a time through a loop of
+// constant trip count the compiler vectorises (the scalar loop with its bounds checks was 11% of
+// a bfloat16 training call at T = 16, batch 1, hidden 512 on 2 threads).
 template <typename T>
-void pack_pair_unit_panels(const T* weight, int64_t rows, int64_t units, T* panels) {
-  for (int64_t panel = 0; panel < pair_panel_count(units); ++panel) {
-    T* to = panels + panel * pair_panel_size(rows);
-    for (int64_t k = 0; k < pair_reduction(rows); ++k) {
-      for (int64_t lane = 0; lane < kPairLanes; ++lane) {
-        const int64_t unit = panel * kPairLanes + lane;
-        to[k / 2 * 2 * kPairLanes + pair_slot(to, lane, k % 2)] =
-            k < rows && unit < units ? weight[k * units + unit] : T{0};
+void pack_pair_unit_panels(const T* weight, int64_t rows, int64_t units, T* panels, int threads) {
+  run_team(threads, [&](int thread, int num_threads) {
+    const auto [first, end] = even_share(pair_panel_count(units), 1, thread, num_threads);
+    for (int64_t panel = first; panel < end; ++panel) {
+      T* to = panels + panel * pair_panel_size(rows);
+      const T* from = weight + panel * kPairLanes;
+      const int64_t lanes = std::min<int64_t>(kPairLanes, units - panel * kPairLanes);
+      for (int64_t k = 0; k < pair_reduction(rows); k += 2) {
+        T* block = to + k * kPairLanes;
+        if (lanes == kPairLanes && k + 1 < rows) {
+          const T* even = from + k * units;
+          const T* odd = even + units;
+          for (int64_t lane = 0; lane < kPairLanes; ++lane) {
+            block[pair_slot(to, lane, 0)] = even[lane];
+            block[pair_slot(to, lane, 1)] = odd[lane];
+          }
+          continue;
+        }
+        for (int64_t parity = 0; parity < 2; ++parity) {
+          for (int64_t lane = 0; lane < kPairLanes; ++lane) {
+            block[pair_slot(to, lane, parity)] = k + parity < rows && lane < lanes ? from[(k + parity) * units + lane] : T{0};
+          }
+        }
       }
     }
-  }
+  });
 }
 
 // Pairs of any 16-bit dtype widened to float: two FMAs a pair, each state value broadcast as a

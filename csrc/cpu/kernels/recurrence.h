@@ -96,12 +96,12 @@ inline const T* state_row(const RecurrenceStep& step, int64_t b, const T* previo
 
 // A panel is kLanes weight rows transposed: to[j * kLanes + lane] = rows[lane][j] (Element: a
 // float, a 16-bit value, or a pair of them as one 32-bit word), for j < count, lanes past `lanes`
-// zero. Blocks of 16 j keep the stores of every lane inside 16 cache lines, where writing each
-// lane's whole column at once strode over the panel (32 KB at reduction 512) once per lane: the
-// packing was a sixth of lf.LSTM's bfloat16 forward at batch 8, hidden 512, T = 64 (Zen 5), and
-// at batch 1, T = 2, where the packing is most of the call, this takes 2.0-2.8x less time in
-// bfloat16 at hidden 256-1024, 1.1-1.4x in float32. Bytes through memcpy: the same loop reads
-// BFloat16Bits pairs as words.
+// zero. A whole panel of 32-bit elements goes as square blocks transposed in registers (vec.h's
+// transpose_words; a word at a time, the packing was a tenth of a T = 1-16 call at hidden 256 on
+// an Intel Xeon). The rest (a partial panel, 16-bit elements, a reduction's tail) goes in blocks
+// of 16 j, which keep the stores of every lane inside 16 cache lines, where writing each lane's
+// whole column at once strode over the panel (32 KB at reduction 512) once per lane. Bytes
+// through memcpy: the same loop reads BFloat16Bits pairs as words.
 template <typename Element>
 void transpose_rows(const std::byte* rows, int64_t row_bytes, int64_t lanes, int64_t count, std::byte* to) {
   constexpr int64_t kBlock = 16;

@@ -699,16 +699,25 @@ void pack_row_panels(const float* weight, int64_t rows, int64_t reduction, float
   }
 }
 
-void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels) {
-  for (int64_t panel = 0; panel < panel_count(units); ++panel) {
-    float* to = panels + panel * rows * kLanes;
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t lane = 0; lane < kLanes; ++lane) {
-        const int64_t unit = panel * kLanes + lane;
-        to[r * kLanes + lane] = unit < units ? weight[r * units + unit] : 0.0f;
+// Panel by panel, the threads sharing them: each row's piece of a whole panel is one vector.
+void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* panels, int threads) {
+  run_team(threads, [&](int thread, int num_threads) {
+    const auto [first, end] = even_share(panel_count(units), 1, thread, num_threads);
+    for (int64_t panel = first; panel < end; ++panel) {
+      float* to = panels + panel * rows * kLanes;
+      const float* from = weight + panel * kLanes;
+      const int64_t lanes = std::min<int64_t>(kLanes, units - panel * kLanes);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (lanes == kLanes) {
+          Vec::load(from + r * units).store(to + r * kLanes);
+          continue;
+        }
+        for (int64_t lane = 0; lane < kLanes; ++lane) {
+          to[r * kLanes + lane] = lane < lanes ? from[r * units + lane] : 0.0f;
+        }
       }
     }
-  }
+  });
 }
 
 void cell_forward(const CellForward& a, int threads) {
