@@ -707,11 +707,13 @@ void pack_unit_panels(const float* weight, int64_t rows, int64_t units, float* p
       float* to = panels + panel * rows * kLanes;
       const float* from = weight + panel * kLanes;
       const int64_t lanes = std::min<int64_t>(kLanes, units - panel * kLanes);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (lanes == kLanes) {
+      if (lanes == kLanes) {
+        for (int64_t r = 0; r < rows; ++r) {
           Vec::load(from + r * units).store(to + r * kLanes);
-          continue;
         }
+        continue;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
         for (int64_t lane = 0; lane < kLanes; ++lane) {
           to[r * kLanes + lane] = lane < lanes ? from[r * units + lane] : 0.0f;
         }
